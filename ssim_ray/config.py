@@ -1,0 +1,219 @@
+"""Typed configuration of an SSIM audit, registered with Hydra as structured-config schemas.
+
+The dataclasses are the schema: a key that does not exist or a value of the wrong type fails when Hydra
+composes the config, before any work. `OmegaConf.to_object` turns a composed config into these classes,
+which runs each `__post_init__` and so validates the values that a type alone cannot (choices, ranges).
+Workers receive these plain dataclasses, never a DictConfig.
+
+They are not `frozen=True` on purpose: OmegaConf marks nodes built from frozen dataclasses read-only, and
+Hydra then refuses to merge YAML or command-line overrides into them. Treat instances as immutable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+SOURCE_KINDS = ("sample", "parquet", "prefix")
+COLOR_POLICIES = ("rgb", "gray", "y")
+ALPHA_POLICIES = ("drop", "error")
+PRECISIONS = ("fp32", "fp64", "amp")
+DOWNSAMPLE_MODES = (None, "wang")
+OUTPUT_MODES = ("resume", "overwrite")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class SourceConfig:
+    """Where the (reference, distorted) pairs come from.
+
+    kind: `sample` (built-in photographs), `parquet` (a manifest) or `prefix` (two folders/prefixes).
+    url: the manifest: one Parquet file, a folder of them, or a glob, at any fsspec URL.
+    reference_url, distorted_url: the two prefixes of a `prefix` source.
+    base_url: what relative paths in a manifest are relative to; default: the manifest's folder.
+    storage_options: passed to fsspec (endpoint, region, anon...). Never put credentials here: they come
+        from the environment or fsspec's own configuration.
+    passthrough_columns: manifest columns copied to the results; None: every other column.
+    allowed_schemes: URL schemes an absolute path in a manifest may use.
+    max_pixels: pixel cap per image (decompression bombs give status `too_large`).
+    copies: `sample` only: how many copies of the sample set to list, for benchmarks.
+    """
+
+    kind: str = "sample"
+    url: Optional[str] = None
+    reference_url: Optional[str] = None
+    distorted_url: Optional[str] = None
+    base_url: Optional[str] = None
+    pair_id_column: str = "pair_id"
+    reference_column: str = "reference"
+    distorted_column: str = "distorted"
+    passthrough_columns: Optional[List[str]] = None
+    ignore_extension: bool = False
+    pairs_per_shard: int = 64
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    allowed_schemes: List[str] = field(default_factory=lambda: ["file", "s3", "gs", "gcs", "az", "abfs"])
+    max_pixels: int = 100_000_000
+    fetch_threads: int = 8
+    fetch_retries: int = 4
+    copies: int = 1
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _choice("source.kind", self.kind, SOURCE_KINDS)
+        _positive("source.pairs_per_shard", self.pairs_per_shard)
+        _positive("source.max_pixels", self.max_pixels)
+        _positive("source.fetch_threads", self.fetch_threads)
+        _positive("source.fetch_retries", self.fetch_retries, allow_zero=True)
+        _positive("source.copies", self.copies)
+        if self.kind == "parquet" and not self.url:
+            raise ValueError("source=parquet needs source.url (a Parquet file, folder or glob), got none")
+        if self.kind == "prefix" and not (self.reference_url and self.distorted_url):
+            raise ValueError(
+                "source=prefix needs source.reference_url and source.distorted_url, got "
+                f"reference_url={self.reference_url!r}, distorted_url={self.distorted_url!r}"
+            )
+
+
+@dataclass
+class SSIMConfig:
+    """The metric (`wang2004`) and how pixels are decoded for it.
+
+    data_range: `auto` (from the file's bit depth: 255 for 8-bit, 65535 for 16-bit) or a number
+        (e.g. 4095 for 12-bit data stored in 16-bit files).
+    color: `rgb` (default), `gray` (ITU-R 601-2 luma, Pillow's `L`), or `y` (BT.601 studio-swing luma,
+        as super-resolution benchmarks use).
+    alpha: `drop` the alpha channel of LA/RGBA files, or treat it as an `error`.
+    """
+
+    data_range: Any = "auto"
+    color: str = "rgb"
+    alpha: str = "drop"
+    win_size: int = 11
+    sigma: float = 1.5
+    k1: float = 0.01
+    k2: float = 0.03
+    gaussian: bool = True
+    downsample: Optional[str] = None
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.data_range != "auto":
+            if isinstance(self.data_range, bool) or not isinstance(self.data_range, (int, float)):
+                raise ValueError(f"ssim.data_range must be 'auto' or a positive number, got {self.data_range!r}")
+            _positive("ssim.data_range", self.data_range)
+        _choice("ssim.color", self.color, COLOR_POLICIES)
+        _choice("ssim.alpha", self.alpha, ALPHA_POLICIES)
+        _choice("ssim.downsample", self.downsample, DOWNSAMPLE_MODES)
+        _choice("ssim.precision", self.precision, PRECISIONS)
+        if self.win_size < 1 or self.win_size % 2 == 0:
+            raise ValueError(f"ssim.win_size must be a positive odd integer, got {self.win_size!r}")
+        _positive("ssim.sigma", self.sigma)
+
+
+@dataclass
+class BatchConfig:
+    """Batch size per shape bucket: `auto` (memory probe in each actor) or a fixed integer."""
+
+    size: Any = "auto"
+    memory_fraction: float = 0.5
+    max_size: int = 512
+    prefetch_pairs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.size != "auto" and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
+            raise ValueError(f"batch.size must be 'auto' or a positive integer, got {self.size!r}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"batch.memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        _positive("batch.max_size", self.max_size)
+        _positive("batch.prefetch_pairs", self.prefetch_pairs)
+
+
+@dataclass
+class OutputConfig:
+    """Where results go. url: any fsspec URL; mode: `resume` keeps committed shards, `overwrite` starts over."""
+
+    url: Optional[str] = None
+    mode: str = "resume"
+    merge_only: bool = False
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice("output.mode", self.mode, OUTPUT_MODES)
+
+
+@dataclass
+class RuntimeConfig:
+    """Ray and actors.
+
+    address: None starts a local Ray; `auto` or `host:port` joins a running cluster.
+    num_workers: actors; None: one per GPU, or on CPU as many as cpus allow given cpus_per_worker.
+    device: `auto` (CUDA where the actor is given a GPU, else CPU), `cpu` or `cuda`.
+    """
+
+    address: Optional[str] = None
+    num_workers: Optional[int] = None
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    device: str = "auto"
+    decode_threads: int = 2
+    max_shard_attempts: int = 3
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None:
+            _positive("runtime.num_workers", self.num_workers)
+        _positive("runtime.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
+        _positive("runtime.cpus_per_worker", self.cpus_per_worker)
+        _choice("runtime.device", self.device, DEVICES)
+        _positive("runtime.decode_threads", self.decode_threads)
+        _positive("runtime.max_shard_attempts", self.max_shard_attempts)
+
+
+@dataclass
+class SummaryConfig:
+    """group_by: a result column (e.g. a pass-through `codec`) to break statistics down by."""
+
+    group_by: Optional[str] = None
+    worst_k: int = 20
+
+    def __post_init__(self) -> None:
+        _positive("summary.worst_k", self.worst_k, allow_zero=True)
+
+
+@dataclass
+class AuditConfig:
+    """Quality gates. A violated gate still writes every output, then exits with a documented code."""
+
+    min_ssim: Optional[float] = None
+    max_fraction_below: Optional[float] = None
+    group_min_ssim: Optional[float] = None
+    group_max_fraction_below: Optional[float] = None
+    max_failures: Optional[int] = None
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True
+    worst_k: int = 12
+
+
+@dataclass
+class AuditJobConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    ssim: SSIMConfig = field(default_factory=SSIMConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
