@@ -28,6 +28,27 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+_CREDENTIAL_WORDS = ("secret", "token", "password", "passwd", "credential", "access_key", "sas", "account_key")
+
+
+def reject_credentials(name: str, options: Any) -> None:
+    """Refuse credentials in storage options: Hydra saves the config and overrides in the run folder.
+
+    Credentials must come from the environment or fsspec's own configuration instead.
+    """
+    if not isinstance(options, dict):
+        return
+    for key, value in options.items():
+        lowered = str(key).lower()
+        if lowered == "key" or any(word in lowered for word in _CREDENTIAL_WORDS):
+            raise ValueError(
+                f"{name}.{key}: credentials are not accepted in the config (Hydra writes it to disk); "
+                "set them in the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or in "
+                "fsspec's own configuration"
+            )
+        reject_credentials(f"{name}.{key}", value)
+
+
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -75,6 +96,7 @@ class SourceConfig:
         _positive("source.fetch_threads", self.fetch_threads)
         _positive("source.fetch_retries", self.fetch_retries, allow_zero=True)
         _positive("source.copies", self.copies)
+        reject_credentials("source.storage_options", self.storage_options)
         if self.kind == "parquet" and not self.url:
             raise ValueError("source=parquet needs source.url (a Parquet file, folder or glob), got none")
         if self.kind == "prefix" and not (self.reference_url and self.distorted_url):
@@ -149,6 +171,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _choice("output.mode", self.mode, OUTPUT_MODES)
+        reject_credentials("output.storage_options", self.storage_options)
 
 
 @dataclass
@@ -217,3 +240,14 @@ class AuditJobConfig:
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+SCHEMA_NAME = "ssim_audit_schema"
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore, so YAML files and overrides are type-checked."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=AuditJobConfig)
