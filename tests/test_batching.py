@@ -1,0 +1,78 @@
+"""The memory probe: measures a real peak, extrapolates within the budget, halves on OOM, never guesses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssim_ray import batching
+from ssim_ray.batching import BatchSizer, BucketKey, ProbeError, bucket_key
+
+KEY = BucketKey(3, 512, 512, "uint8")
+
+
+def _allocating_trial(bytes_per_pair: int, pairs: int):
+    def work() -> None:
+        block = torch.ones(bytes_per_pair * pairs // 4, dtype=torch.float32)
+        block.add_(1.0)  # touch every page so it is resident
+        del block
+
+    return work
+
+
+def test_cpu_probe_measures_peak_and_extrapolates_within_budget(monkeypatch):
+    per_pair = 64 * 2**20
+    monkeypatch.setattr(batching, "cpu_available_bytes", lambda: 8 * 2**30)
+    sizer = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000)
+    size = sizer.probe(KEY, 4, _allocating_trial(per_pair, 4))
+    record = sizer.records[KEY]
+    # RSS granularity and allocator slack: the measured per-pair peak is within 25% of what was allocated.
+    assert per_pair * 0.95 <= record.peak_bytes_per_pair <= per_pair * 1.25
+    expected = (8 * 2**30 * 0.5) // record.peak_bytes_per_pair
+    assert size == int(expected)
+    assert 40 <= size <= 64
+    assert sizer.size_for(KEY) == size
+
+
+def test_probe_respects_cap_and_share(monkeypatch):
+    monkeypatch.setattr(batching, "cpu_available_bytes", lambda: 8 * 2**30)
+    capped = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=1.0, max_size=7)
+    assert capped.probe(KEY, 2, _allocating_trial(16 * 2**20, 2)) == 7
+    shared = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000, share=0.25)
+    alone = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000, share=1.0)
+    a = alone.probe(KEY, 2, _allocating_trial(64 * 2**20, 2))
+    s = shared.probe(KEY, 2, _allocating_trial(64 * 2**20, 2))
+    assert s < a / 2  # a quarter of the node's memory gives about a quarter of the batch
+
+
+def test_probe_that_cannot_measure_fails_loudly():
+    sizer = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=64)
+    with pytest.raises(ProbeError, match="batch.size"):
+        sizer.probe(KEY, 4, lambda: None)  # allocates nothing: a zero peak cannot be extrapolated
+
+
+def test_oom_halves_and_is_remembered():
+    sizer = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=64)
+    assert sizer.on_oom(KEY, 64) == 32
+    assert sizer.size_for(KEY) == 32
+    assert sizer.on_oom(KEY, 32) == 16
+    assert sizer.records[KEY].ooms == 2
+    assert sizer.on_oom(KEY, 1) == 1
+
+
+def test_fixed_size_bypasses_probe():
+    sizer = BatchSizer(torch.device("cpu"), fixed=5, memory_fraction=0.5, max_size=64)
+    assert sizer.size_for(KEY) == 5
+    assert sizer.records == {}
+
+
+def test_out_of_memory_is_matched_by_type_not_message():
+    assert batching.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not batching.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
+
+
+def test_bucket_key_separates_shape_and_dtype():
+    a = bucket_key(torch.zeros(3, 10, 12, dtype=torch.uint8))
+    assert a == BucketKey(3, 10, 12, "uint8")
+    assert a != bucket_key(torch.zeros(3, 10, 12, dtype=torch.uint16))
+    assert a.label() == "3x10x12:uint8"
