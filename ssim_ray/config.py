@@ -204,13 +204,22 @@ class RuntimeConfig:
 
 @dataclass
 class SummaryConfig:
-    """group_by: a result column (e.g. a pass-through `codec`) to break statistics down by."""
+    """group_by: a result column (e.g. a pass-through `codec`) to break statistics down by.
+
+    worst_k: the lowest-scoring ok pairs listed in the summary. examples_per_status: example rows kept for
+    each failure status. max_groups: more distinct group_by values than this is an error (a per-pair column
+    was probably named by mistake; the summary and report would hold one entry per pair).
+    """
 
     group_by: Optional[str] = None
     worst_k: int = 20
+    examples_per_status: int = 5
+    max_groups: int = 1000
 
     def __post_init__(self) -> None:
         _positive("summary.worst_k", self.worst_k, allow_zero=True)
+        _positive("summary.examples_per_status", self.examples_per_status, allow_zero=True)
+        _positive("summary.max_groups", self.max_groups)
 
 
 @dataclass
