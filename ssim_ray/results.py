@@ -702,21 +702,26 @@ def _stream_parts(fs: Any, root: str, commits: Sequence[ShardCommit], summary_cf
     if _is_local(fs):
         fs.makedirs(root, exist_ok=True)
     pending: List[pa.Table] = []
-    with fs.open(f"{root}/{MERGED_FILE}", "wb") as sink:
-        writer = pq.ParquetWriter(sink, schema, compression="zstd")
-        for commit in commits:
-            table = _conform(_read_part(fs, root, commit), schema)
-            # Marker statistics are summed as they are; a marker made with other settings is recomputed.
-            part_stats = commit.stats if commit.stats.settings() == wanted else shard_stats(table, summary_cfg)
-            merged = merge_stats(merged, part_stats)
-            collector.add(table)
-            pending.append(table)
-            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+    target = f"{root}/{MERGED_FILE}"
+    try:
+        with fs.open(target, "wb") as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+            for commit in commits:
+                table = _conform(_read_part(fs, root, commit), schema)
+                # Marker statistics are summed as they are; a marker made with other settings is recomputed.
+                part_stats = commit.stats if commit.stats.settings() == wanted else shard_stats(table, summary_cfg)
+                merged = merge_stats(merged, part_stats)
+                collector.add(table)
+                pending.append(table)
+                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+                    pending = []
+            if pending:
                 writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
-                pending = []
-        if pending:
-            writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
-        writer.close()
+    except BaseException:
+        # A partial ssim.parquet must not outlive a failed merge (the next merge rewrites it anyway).
+        if fs.exists(target):
+            fs.rm(target)
+        raise
     if len(merged.groups) > summary_cfg.max_groups:
         raise ValueError(
             f"summary.group_by={summary_cfg.group_by!r} must have at most summary.max_groups="

@@ -1,0 +1,385 @@
+"""Part files, commit markers, resume checks and the merge (ssim_ray.results) on real photo results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from report_fixtures import in_shards, photo_rows
+from ssim_ray.config import SummaryConfig
+from ssim_ray.results import (
+    RESULT_COLUMNS,
+    CorruptShardError,
+    IncompleteMergeError,
+    ResumeConflictError,
+    RunInfo,
+    build_run_manifest,
+    check_resume_compatible,
+    committed_shard_ids,
+    merge,
+    rows_to_table,
+    scan_shards,
+    shard_stats,
+    write_shard,
+)
+
+PASSTHROUGH = ["distortion", "photo"]
+SHARD_SIZES = [7, 8, 9, 9]  # 33 rows: 30 scored pairs and 3 failures, the failures in the last shard
+CFG = SummaryConfig(group_by="distortion", worst_k=5, examples_per_status=2)
+METRIC = {"name": "wang2004", "win_size": 11, "sigma": 1.5, "k1": 0.01, "k2": 0.03, "data_range": "auto"}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list:
+    return photo_rows(tmp_path_factory.mktemp("photos"))
+
+
+def _info(total: int, **overrides) -> RunInfo:
+    values = dict(metric=METRIC, plan_fingerprint="plan-1", total_pairs=total)
+    values.update(overrides)
+    return RunInfo(**values)
+
+
+def _write_all(out: str, rows: list, sizes=SHARD_SIZES, cfg=CFG, **options) -> dict:
+    shards = in_shards(rows, sizes)
+    for shard_id, shard_rows in shards.items():
+        table = rows_to_table(shard_rows, PASSTHROUGH)
+        write_shard(out, shard_id, table, stats=shard_stats(table, cfg), **options)
+    return shards
+
+
+def test_rows_to_table_has_the_fixed_schema_then_passthrough(rows):
+    table = rows_to_table(rows[:3], PASSTHROUGH)
+    assert table.column_names == list(RESULT_COLUMNS) + PASSTHROUGH
+    assert table.schema.field("ssim").type == pa.float64()
+    assert table.schema.field("height").type == pa.int32()
+    assert table.schema.field("ssim_per_channel").type == pa.list_(pa.float64())
+    assert table["pair_id"].to_pylist() == [r["pair_id"] for r in rows[:3]]
+
+
+def test_rows_to_table_names_the_missing_key_and_clashing_columns(rows):
+    broken = dict(rows[0])
+    del broken["width"]
+    with pytest.raises(ValueError, match=r"missing \['width'\]"):
+        rows_to_table([broken], PASSTHROUGH)
+    with pytest.raises(ValueError, match="must not reuse result column names.*'ssim'"):
+        rows_to_table(rows[:1], ["ssim"])
+    with pytest.raises(ValueError, match="'height'"):
+        rows_to_table([dict(rows[0], height="tall")], PASSTHROUGH)
+
+
+def test_write_shard_writes_part_then_marker_that_describes_it(tmp_path, rows):
+    table = rows_to_table([dict(r, shard_id="s0") for r in rows[:5]], PASSTHROUGH)
+    commit = write_shard(str(tmp_path), "s0", table, stats=shard_stats(table, CFG))
+    part = (tmp_path / "shards" / "s0.parquet").read_bytes()
+    marker = json.loads((tmp_path / "shards" / "s0.commit.json").read_text())
+    assert marker["rows"] == 5 == commit.rows
+    assert marker["bytes"] == len(part)
+    assert marker["sha256"] == hashlib.sha256(part).hexdigest()
+    assert marker["stats"]["overall"]["status_counts"] == {"ok": 5}
+    assert pq.read_table(tmp_path / "shards" / "s0.parquet").equals(table)
+
+
+def test_write_shard_refuses_tables_that_break_the_contract(tmp_path, rows):
+    good = [dict(r, shard_id="s0") for r in rows[:2]]
+    with pytest.raises(ValueError, match="shard_id must be 's0'"):
+        write_shard(str(tmp_path), "s0", rows_to_table([dict(good[0], shard_id="s9")], PASSTHROUGH))
+    with pytest.raises(ValueError, match="exactly when status is 'ok'.*'ok' with ssim None"):
+        write_shard(str(tmp_path), "s0", rows_to_table([dict(good[0], ssim=None)], PASSTHROUGH))
+    with pytest.raises(ValueError, match="'missing' with ssim 0.5"):
+        write_shard(str(tmp_path), "s0", rows_to_table([dict(good[0], status="missing", ssim=0.5)], PASSTHROUGH))
+    with pytest.raises(ValueError, match="file-name-safe"):
+        write_shard(str(tmp_path), "../escape", rows_to_table([], []))
+    other = rows_to_table(good[:1], PASSTHROUGH)
+    with pytest.raises(ValueError, match="stats must describe the table's 2 rows, got 1"):
+        write_shard(str(tmp_path), "s0", rows_to_table(good, PASSTHROUGH), stats=shard_stats(other, CFG))
+    assert not (tmp_path / "shards").exists()
+
+
+def test_rerun_of_a_shard_overwrites_never_duplicates(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    # Every shard computed a second time (retries, a rerun): the merge must still count each pair once.
+    _write_all(out, rows)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
+        [f"shard-0000{i}.parquet" for i in range(4)] + [f"shard-0000{i}.commit.json" for i in range(4)]
+    )
+    merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)), summary_cfg=CFG)
+    merged = pq.read_table(tmp_path / "ssim.parquet")
+    assert merged["pair_id"].to_pylist() == [r["pair_id"] for r in rows]
+
+
+def test_half_written_state_is_not_committed(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    shards = tmp_path / "shards"
+    (shards / "shard-00000.commit.json").unlink()  # crashed after the part, before the marker
+    (shards / "shard-00001.parquet").unlink()  # part lost, marker left
+    part = shards / "shard-00002.parquet"
+    part.write_bytes(part.read_bytes()[:-10])  # truncated rewrite behind an old marker
+    (shards / "shard-00003.commit.json").write_text('{"format": "ssim_ray.commit/1", "rows"')  # torn marker
+    (shards / "shard-00009.parquet").write_bytes(b"orphan")  # a part that never got a marker
+    scan = scan_shards(out)
+    assert committed_shard_ids(out) == set() == set(scan.commits)
+    assert scan.rejected["shard-00001"] == "part file is missing"
+    assert "bytes, the marker expected" in scan.rejected["shard-00002"]
+    assert "not a complete commit" in scan.rejected["shard-00003"]
+    assert "shard-00000" not in scan.rejected and "shard-00009" not in scan.rejected
+
+
+def test_marker_copied_to_another_name_is_not_a_commit(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    shards = tmp_path / "shards"
+    (shards / "shard-00007.parquet").write_bytes((shards / "shard-00000.parquet").read_bytes())
+    (shards / "shard-00007.commit.json").write_bytes((shards / "shard-00000.commit.json").read_bytes())
+    assert "shard-00007" not in committed_shard_ids(out)
+    assert "names shard 'shard-00000'" in scan_shards(out).rejected["shard-00007"]
+
+
+def test_merge_detects_a_part_changed_behind_its_marker(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    part = tmp_path / "shards" / "shard-00002.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, so only the hash can tell
+    part.write_bytes(bytes(data))
+    assert "shard-00002" in committed_shard_ids(out)
+    with pytest.raises(CorruptShardError, match="shard 'shard-00002' must match its marker.*delete"):
+        merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)), summary_cfg=CFG)
+    assert not (tmp_path / "ssim.parquet").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_merge_writes_every_row_once_in_plan_order_with_unified_passthrough_types(tmp_path, rows):
+    out = str(tmp_path)
+    shards = in_shards(rows, SHARD_SIZES)
+    shards["shard-00001"] = [dict(r, photo=None) for r in shards["shard-00001"]]  # photo all-null here
+    types = {"shard-00002": {"photo": pa.large_string()}}  # and a wider string type there
+    for shard_id, shard_rows in shards.items():
+        table = rows_to_table(shard_rows, PASSTHROUGH, passthrough_types=types.get(shard_id))
+        write_shard(out, shard_id, table, stats=shard_stats(table, CFG))
+    assert pq.read_schema(tmp_path / "shards" / "shard-00001.parquet").field("photo").type == pa.null()
+    plan = list(shards)
+    merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG)
+    merged = pq.read_table(tmp_path / "ssim.parquet")
+    assert merged.num_rows == len(rows)
+    assert merged["pair_id"].to_pylist() == [r["pair_id"] for r in rows]
+    assert merged["shard_id"].to_pylist() == [r["shard_id"] for s in plan for r in shards[s]]
+    assert merged.schema.field("photo").type == pa.large_string()
+    assert merged["photo"].to_pylist()[7:15] == [None] * 8
+    assert merged["photo"].to_pylist()[:7] == [r["photo"] for r in rows[:7]]
+    np.testing.assert_array_equal(merged["ssim"].to_numpy(zero_copy_only=False),
+                                  np.array([np.nan if r["ssim"] is None else r["ssim"] for r in rows]))
+
+
+def test_merge_refuses_incompatible_passthrough_types(tmp_path, rows):
+    out = str(tmp_path)
+    first = rows_to_table([dict(r, shard_id="a", photo=1) for r in rows[:2]], PASSTHROUGH)
+    second = rows_to_table([dict(r, shard_id="b") for r in rows[2:4]], PASSTHROUGH)
+    write_shard(out, "a", first)
+    write_shard(out, "b", second)
+    with pytest.raises(ValueError, match="compatible types across shards.*photo"):
+        merge(out, plan_shard_ids=["a", "b"], run_info=_info(4), summary_cfg=SummaryConfig())
+
+
+def test_merge_is_idempotent(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    plan = [f"shard-0000{i}" for i in range(4)]
+    first = merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG)
+    first_bytes = (tmp_path / "ssim.parquet").read_bytes()
+    second = merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG)
+    assert (tmp_path / "ssim.parquet").read_bytes() == first_bytes
+    volatile = ("created", "merge_seconds")
+    assert {k: v for k, v in first.items() if k not in volatile} == {
+        k: v for k, v in second.items() if k not in volatile}
+    assert json.loads((tmp_path / "summary.json").read_text())["ssim"] == second["ssim"]
+
+
+def test_merge_with_a_missing_shard_raises_or_flags_incomplete(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    (tmp_path / "shards" / "shard-00002.commit.json").unlink()
+    plan = [f"shard-0000{i}" for i in range(4)]
+    with pytest.raises(IncompleteMergeError, match=r"1 of 4 planned shards are not committed.*shard-00002"):
+        merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG)
+    assert not (tmp_path / "summary.json").exists()
+    summary = merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG, allow_incomplete=True)
+    assert summary["complete"] is False
+    assert summary["shards"]["missing_ids"] == ["shard-00002"]
+    assert summary["pairs"] == {"planned": len(rows), "merged": len(rows) - 9, "ok": 21, "failures": 3}
+    assert pq.read_table(tmp_path / "ssim.parquet").num_rows == len(rows) - 9
+
+
+def test_merge_refuses_a_row_count_that_differs_from_the_plan(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    with pytest.raises(CorruptShardError, match=f"total_pairs=40 rows, got {len(rows)}"):
+        merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(40), summary_cfg=CFG)
+
+
+def test_summary_statistics_equal_the_merged_column(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    info = _info(len(rows), wall_seconds=12.5, processing_seconds=10.0, pairs_computed=24, shards_computed=3,
+                 shards_resumed=1, batch_sizes={"3x96x128 uint8": 32}, device="cpu", num_workers=2)
+    summary = merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=info, summary_cfg=CFG)
+    table = pq.read_table(tmp_path / "ssim.parquet")
+    ok = table.filter(pa.compute.equal(table["status"], "ok"))
+    scores = ok["ssim"].to_numpy()
+    assert summary["ssim"]["count"] == 30
+    assert summary["ssim"]["mean"] == pytest.approx(scores.mean(), rel=1e-12)  # float summation order only
+    assert summary["ssim"]["std"] == pytest.approx(scores.std(), rel=1e-9)
+    assert (summary["ssim"]["min"], summary["ssim"]["max"]) == (scores.min(), scores.max())
+    for q in (1, 5, 25, 50, 75, 95, 99):
+        assert summary["ssim"]["percentiles"][f"p{q}"] == np.percentile(scores, q)
+    assert summary["status_counts"] == {"missing": 1, "ok": 30, "size_mismatch": 1, "unreadable": 1}
+    jpeg10 = ok.filter(pa.compute.equal(ok["distortion"], "jpeg10"))["ssim"].to_numpy()
+    group = summary["groups"]["jpeg10"]
+    assert (group["rows"], group["failures"], group["ssim"]["count"]) == (6, 0, 6)
+    assert group["ssim"]["percentiles"]["p50"] == np.median(jpeg10)
+    assert summary["groups"]["missing"]["failures"] == 1
+    worst = sorted(rows[:30], key=lambda r: r["ssim"])[:5]
+    assert [w["pair_id"] for w in summary["worst"]] == [r["pair_id"] for r in worst]
+    assert summary["worst"][0]["group"] == worst[0]["distortion"]
+    assert summary["failure_examples"]["unreadable"][0]["error"].startswith("cannot decode")
+    assert summary["throughput"]["pairs_per_second"] == 2.4
+    assert summary["shards"] == {"total": 4, "committed": 4, "missing": 0, "missing_ids": [], "computed": 3,
+                                 "resumed": 1, "unplanned": 0, "rejected_markers": {}}
+    assert summary["metric"] == METRIC and summary["plan_fingerprint"] == "plan-1"
+    assert summary["batch_sizes"] == {"3x96x128 uint8": 32} and summary["wall_seconds"] == 12.5
+    assert set(summary["versions"]) == {"torch", "ray", "pyarrow", "fsspec", "pillow", "numpy", "python",
+                                        "ssim_ray"}
+    assert all(summary["versions"].values())
+
+
+def test_merge_recomputes_statistics_when_group_by_changed_since_the_run(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows, cfg=SummaryConfig())  # the run summarised without groups
+    by_photo = SummaryConfig(group_by="photo", worst_k=3)
+    summary = merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)),
+                    summary_cfg=by_photo)
+    assert summary["group_by"] == "photo"
+    assert summary["groups"]["camera"]["rows"] == 8  # five distortions and three failures
+    assert len(summary["worst"]) == 3
+
+
+def test_too_many_groups_is_an_error_that_names_the_setting(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    with pytest.raises(ValueError, match="summary.max_groups=10 distinct values, got 33"):
+        merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)),
+              summary_cfg=SummaryConfig(group_by="pair_id", max_groups=10))
+
+
+def _manifest(**overrides) -> dict:
+    values = dict(plan_fingerprint="plan-1", total_pairs=33, num_shards=4, metric=METRIC,
+                  source={"kind": "parquet", "url": "s3://bucket/m.parquet",
+                          "storage_options": {"key": "AKIAEXAMPLE", "secret": "hunter2",
+                                              "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}})
+    values.update(overrides)
+    return build_run_manifest(**values)
+
+
+def test_resume_check_accepts_the_same_run_and_refuses_another(tmp_path, rows):
+    out = str(tmp_path)
+    assert check_resume_compatible(out, _manifest(), mode="resume") == "new"
+    written = (tmp_path / "_run.json").read_text()
+    assert "hunter2" not in written and "AKIAEXAMPLE" not in written
+    assert json.loads(written)["source"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9"
+    _write_all(out, rows)
+    assert check_resume_compatible(out, _manifest(), mode="resume") == "resume"
+    with pytest.raises(ResumeConflictError, match="plan_fingerprint: output has 'plan-1', this run has 'plan-2'"):
+        check_resume_compatible(out, _manifest(plan_fingerprint="plan-2"), mode="resume")
+    with pytest.raises(ResumeConflictError, match="metric.sigma: output has 1.5, this run has 2.0.*overwrite"):
+        check_resume_compatible(out, _manifest(metric=dict(METRIC, sigma=2.0)), mode="resume")
+    assert len(committed_shard_ids(out)) == 4
+
+
+def test_overwrite_clears_previous_outputs_and_nothing_else(tmp_path, rows):
+    out = str(tmp_path)
+    check_resume_compatible(out, _manifest(), mode="resume")
+    _write_all(out, rows)
+    merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)), summary_cfg=CFG)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    assert check_resume_compatible(out, _manifest(plan_fingerprint="plan-2"), mode="overwrite") == "overwrite"
+    assert committed_shard_ids(out) == set()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_run.json", "notes.txt"]
+    assert json.loads((tmp_path / "_run.json").read_text())["plan_fingerprint"] == "plan-2"
+
+
+def test_committed_shards_without_a_manifest_refuse_to_resume(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    with pytest.raises(ResumeConflictError, match="4 committed shards but no _run.json"):
+        check_resume_compatible(out, _manifest(), mode="resume")
+    with pytest.raises(ValueError, match=r"mode must be one of \['resume', 'overwrite'\], got 'append'"):
+        check_resume_compatible(out, _manifest(), mode="append")
+
+
+def test_summary_has_no_secrets(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    info = _info(len(rows), source=_manifest()["source"] | {"storage_options": {"secret": "hunter2",
+                                                                                  "token": "tok-123"}})
+    merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=info, summary_cfg=CFG)
+    text = (tmp_path / "summary.json").read_text()
+    assert "hunter2" not in text and "tok-123" not in text and "<redacted>" in text
+
+
+def test_file_url_and_memory_url_work_like_a_path(tmp_path, rows):
+    for out in (tmp_path.as_uri(), "memory://results-test/out"):
+        _write_all(out, rows)
+        summary = merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)),
+                        summary_cfg=CFG)
+        assert summary["pairs"]["merged"] == len(rows)
+        assert committed_shard_ids(out) == {f"shard-0000{i}" for i in range(4)}
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    """A moto S3 server on 127.0.0.1 with dummy credentials from the environment (never in options)."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "use_listings_cache": False}
+    try:
+        yield options
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_s3_output_through_the_moto_server(s3_options, rows):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.mkdir("audit-out")
+    out = "s3://audit-out/run1"
+    _write_all(out, rows, storage_options=s3_options)
+    fs.rm("audit-out/run1/shards/shard-00003.commit.json")
+    assert committed_shard_ids(out, storage_options=s3_options) == {f"shard-0000{i}" for i in range(3)}
+    _write_all(out, rows, storage_options=s3_options)
+    summary = merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)),
+                    summary_cfg=CFG, storage_options=s3_options)
+    assert summary["pairs"]["merged"] == len(rows)
+    with fs.open("audit-out/run1/ssim.parquet", "rb") as handle:
+        assert pq.read_table(handle)["pair_id"].to_pylist() == [r["pair_id"] for r in rows]
+    assert json.loads(fs.cat_file("audit-out/run1/summary.json"))["ssim"] == summary["ssim"]
