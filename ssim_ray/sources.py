@@ -200,7 +200,7 @@ def _file_shards(
         last = int(np.searchsorted(group_starts, row_stop, side="left") - 1)
         rows = ParquetRows(
             file_url=None if sample else manifest_file.url, file_key=manifest_file.key,
-            base_url=manifest_file.base_url, columns=columns, row_start=row_start,
+            base_url="" if sample else manifest_file.base_url, columns=columns, row_start=row_start,
             row_groups=tuple(range(first, last + 1)), first_group_row=int(group_starts[first]), id_suffix=suffix,
         )
         identity = f"{manifest_file.key}|{row_start}|{row_stop}|{suffix}"
