@@ -224,13 +224,32 @@ class SummaryConfig:
 
 @dataclass
 class AuditConfig:
-    """Quality gates. A violated gate still writes every output, then exits with a documented code."""
+    """Quality gates. A violated gate still writes every output, then exits with a documented code.
+
+    Semantics (ssim_ray/gates.py): the fraction of ok pairs with ssim strictly below min_ssim must not exceed
+    max_fraction_below (unset: 0, i.e. no ok pair may be below); the group_ variants apply to each value of
+    summary.group_by; max_failures bounds the rows whose status is not ok.
+    """
 
     min_ssim: Optional[float] = None
     max_fraction_below: Optional[float] = None
     group_min_ssim: Optional[float] = None
     group_max_fraction_below: Optional[float] = None
     max_failures: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_ssim", "group_min_ssim"):
+            value = getattr(self, name)
+            if value is not None and not -1 <= value <= 1:
+                raise ValueError(f"audit.{name} must be in [-1, 1], got {value!r}")
+        for name, threshold in (("max_fraction_below", "min_ssim"), ("group_max_fraction_below", "group_min_ssim")):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"audit.{name} must be in [0, 1], got {value!r}")
+            if value is not None and getattr(self, threshold) is None:
+                raise ValueError(f"audit.{name} needs audit.{threshold}, got audit.{threshold}=None")
+        if self.max_failures is not None:
+            _positive("audit.max_failures", self.max_failures, allow_zero=True)
 
 
 @dataclass

@@ -23,14 +23,14 @@ import hashlib
 import json
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssim_ray.config import OUTPUT_MODES, SummaryConfig
+from ssim_ray.config import OUTPUT_MODES, AuditConfig, SummaryConfig
 from ssim_ray.stats import ShardStats, stats_from_json, stats_from_table, stats_to_json
 
 SHARDS_DIR = "shards"
@@ -739,6 +739,7 @@ def merge(
     summary_cfg: SummaryConfig,
     storage_options: Optional[Mapping[str, Any]] = None,
     allow_incomplete: bool = False,
+    audit_cfg: Optional[AuditConfig] = None,
 ) -> Dict[str, Any]:
     """Build ssim.parquet and summary.json from the committed shards of the plan; idempotent.
 
@@ -756,6 +757,8 @@ def merge(
         storage_options: fsspec options for `output_url`.
         allow_incomplete: merge what is committed and flag the summary `"complete": false` instead of
             raising when planned shards are missing (for a look at a partial run; gates still apply).
+        audit_cfg: the quality gates; their thresholds get exact below-threshold counts in the summary
+            (`below`), which `gates.evaluate_gates` reads.
 
     Returns:
         The summary, as written to summary.json.
@@ -787,14 +790,16 @@ def merge(
     if not missing and rows != run_info.total_pairs:
         raise CorruptShardError(f"a complete merge must have run_info.total_pairs={run_info.total_pairs} rows, "
                                 f"got {rows} from {len(commits)} shards")
-    summary = _summary(stats, collector, run_info, scan, plan_shard_ids, missing)
+    thresholds = [t for t in (audit_cfg.min_ssim, audit_cfg.group_min_ssim) if t is not None] if audit_cfg else []
+    summary = _summary(stats, collector, run_info, scan, plan_shard_ids, missing, thresholds)
+    summary["audit"] = asdict(audit_cfg) if audit_cfg else None
     summary["merge_seconds"] = round(time.perf_counter() - started, 3)
     _write_bytes(fs, f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=1).encode("utf-8"))
     return summary
 
 
 def _summary(stats, collector, run_info: RunInfo, scan: ShardScan, plan_shard_ids: Sequence[str],
-             missing: Sequence[str]) -> Dict[str, Any]:
+             missing: Sequence[str], thresholds: Sequence[float]) -> Dict[str, Any]:
     from ssim_ray.stats import summary_statistics
 
     planned = set(plan_shard_ids)
@@ -807,7 +812,7 @@ def _summary(stats, collector, run_info: RunInfo, scan: ShardScan, plan_shard_id
         "plan_fingerprint": run_info.plan_fingerprint,
         "pairs": {"planned": run_info.total_pairs, "merged": stats.overall.rows,
                   "ok": stats.overall.moments.count, "failures": stats.overall.failures},
-        **summary_statistics(stats, collector),
+        **summary_statistics(stats, collector, thresholds=thresholds),
         "shards": {
             "total": len(planned), "committed": len(planned) - len(missing), "missing": len(missing),
             "missing_ids": list(missing[:_LISTED_IDS]), "computed": run_info.shards_computed,

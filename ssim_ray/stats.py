@@ -477,6 +477,25 @@ class ScoreCollector:
         return dict(sorted(result.items()))
 
 
+    def below(self, threshold: float) -> Dict[str, Any]:
+        """How many ok scores are strictly below `threshold`, overall and per group (for quality gates)."""
+        scores, codes = self._scores[: self._size], self._codes[: self._size]
+        under = scores < threshold
+        entry: Dict[str, Any] = _fraction(int(np.count_nonzero(under)), int(scores.size))
+        entry["threshold"] = float(threshold)
+        if self.group_by:
+            names = list(self._group_index)
+            under_counts = np.bincount(codes[under], minlength=len(names))
+            totals = np.bincount(codes, minlength=len(names))
+            entry["groups"] = {name: _fraction(int(under_counts[i]), int(totals[i]))
+                               for name, i in sorted(self._group_index.items())}
+        return entry
+
+
+def _fraction(count: int, ok: int) -> Dict[str, Any]:
+    return {"count": count, "ok": ok, "fraction": count / ok if ok else None}
+
+
 def _ssim_block(moments: Moments, percentiles: Mapping[str, Optional[float]]) -> Dict[str, Any]:
     return {
         "count": moments.count,
@@ -494,13 +513,15 @@ def _histogram_block(moments: Moments) -> Dict[str, Any]:
             "counts": [[int(i), int(moments.hist[i])] for i in nonzero]}
 
 
-def summary_statistics(stats: ShardStats, collector: ScoreCollector) -> Dict[str, Any]:
+def summary_statistics(stats: ShardStats, collector: ScoreCollector, *,
+                       thresholds: Sequence[float] = ()) -> Dict[str, Any]:
     """The statistical part of summary.json, from merged statistics and the collected scores.
 
     Returns:
         A dict with `status_counts`, `ssim` (count, mean, std (population), min, max, percentiles p1..p99),
         `histogram` (sparse [bin, count] pairs over HIST_BINS bins on [-1, 1]), `groups` (the same per group,
-        with `rows` and `failures`), `worst` and `failure_examples`.
+        with `rows` and `failures`), `worst`, `failure_examples`, and `below`: for each threshold, the
+        count, ok count and fraction of ok scores strictly below it, overall and per group.
 
     Example:
         >>> s = empty_stats(group_by=None, worst_k=1, examples_per_status=1)
@@ -527,4 +548,5 @@ def summary_statistics(stats: ShardStats, collector: ScoreCollector) -> Dict[str
         "worst_k": stats.worst_k,
         "worst": [vars(p) for p in stats.worst],
         "failure_examples": {s: [vars(e) for e in rows] for s, rows in stats.failure_examples.items()},
+        "below": [collector.below(t) for t in sorted(set(thresholds))],
     }

@@ -1,0 +1,133 @@
+"""Quality gates: decide from summary.json whether an audit passes, and with which exit code it fails.
+
+Semantics (exact counts, not histogram estimates: `results.merge(..., audit_cfg=...)` writes the number of
+ok pairs strictly below each gate's threshold into the summary's `below` entries):
+
+- `audit.min_ssim` = t with `audit.max_fraction_below` = f (unset: f = 0): violated when
+  (ok pairs with ssim < t) / (ok pairs) > f. So with f unset, one ok pair below t violates it; a pair
+  exactly at t passes. With no ok pair at all the gate is violated too: quality that cannot be measured
+  is not shown to be good.
+- `audit.group_min_ssim` / `audit.group_max_fraction_below`: the same test for every value of
+  `summary.group_by` (null values form the group "(null)"), one violation per failing group. A group
+  with rows but no ok pair violates it, like the whole run.
+- `audit.max_failures` = n: violated when the rows whose status is not `ok` number more than n.
+- A summary flagged `"complete": false` (a merge with missing shards) is a violation of its own.
+
+Exit codes (the job exits with the highest one present; every violation is printed):
+EXIT_OK = 0, EXIT_QUALITY_GATE = 3 (min_ssim, group_min_ssim), EXIT_FAILURE_GATE = 4 (max_failures),
+EXIT_INCOMPLETE = 5 (missing shards). 1 and 2 stay with Python (uncaught exception) and argument errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Optional, Sequence
+
+from ssim_ray.config import AuditConfig
+
+EXIT_OK = 0
+EXIT_QUALITY_GATE = 3
+EXIT_FAILURE_GATE = 4
+EXIT_INCOMPLETE = 5
+
+
+@dataclass(frozen=True)
+class GateViolation:
+    """One failed gate: which, for which group (None: the whole run), what was measured, the limit."""
+
+    gate: str
+    group: Optional[str]
+    observed: float
+    limit: float
+    exit_code: int
+    message: str
+
+
+def _below_entry(summary: Mapping[str, Any], threshold: float, gate: str) -> Mapping[str, Any]:
+    for entry in summary.get("below", []):
+        if entry["threshold"] == threshold:
+            return entry
+    have = [e["threshold"] for e in summary.get("below", [])]
+    raise ValueError(
+        f"audit.{gate}={threshold} needs the summary's count of ok pairs below {threshold}; the summary has "
+        f"counts for {have}. Rebuild it with output.merge_only=true and this audit config."
+    )
+
+
+def _fraction_violation(gate: str, group: Optional[str], counts: Mapping[str, Any], threshold: float,
+                        max_fraction: Optional[float]) -> Optional[GateViolation]:
+    limit = max_fraction if max_fraction is not None else 0.0
+    where = f"group {group!r}" if group is not None else "the run"
+    setting = f"audit.{gate}={threshold}" + (f", max fraction {max_fraction}" if max_fraction is not None else "")
+    if not counts["ok"]:
+        return GateViolation(gate, group, 1.0, limit, EXIT_QUALITY_GATE,
+                             f"{setting}: {where} has no ok pair, so its quality cannot be shown")
+    if counts["fraction"] <= limit:
+        return None
+    return GateViolation(
+        gate, group, counts["fraction"], limit, EXIT_QUALITY_GATE,
+        f"{setting}: {counts['count']} of {counts['ok']} ok pairs in {where} "
+        f"({100 * counts['fraction']:.2f}%) are below {threshold}, at most {100 * limit:.2f}% allowed",
+    )
+
+
+def _group_violations(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[GateViolation]:
+    if not summary.get("group_by"):
+        raise ValueError("audit.group_min_ssim needs summary.group_by to name a column, got summary.group_by=None")
+    entry = _below_entry(summary, audit_cfg.group_min_ssim, "group_min_ssim")
+    found = []
+    for group in summary["groups"]:
+        counts = entry["groups"].get(group, {"count": 0, "ok": 0, "fraction": None})
+        violation = _fraction_violation("group_min_ssim", group, counts, audit_cfg.group_min_ssim,
+                                        audit_cfg.group_max_fraction_below)
+        if violation:
+            found.append(violation)
+    return found
+
+
+def evaluate_gates(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[GateViolation]:
+    """The gates of `audit_cfg` that `summary` violates (empty: the audit passes).
+
+    Args:
+        summary: summary.json as `results.merge(..., audit_cfg=audit_cfg)` returns or wrote it.
+        audit_cfg: the gates (see the module docstring for their exact semantics).
+
+    Returns:
+        The violations, in gate order: complete, min_ssim, group_min_ssim per group, max_failures.
+
+    Raises:
+        ValueError: a gate needs a count the summary lacks (made without this audit config) or a
+            group gate is set without summary.group_by.
+
+    Example:
+        >>> summary = {"complete": True, "pairs": {"failures": 2}, "below": []}
+        >>> [v.exit_code for v in evaluate_gates(summary, AuditConfig(max_failures=1))]
+        [4]
+    """
+    found: List[GateViolation] = []
+    if summary.get("complete") is False:
+        missing = summary.get("shards", {}).get("missing")
+        found.append(GateViolation("complete", None, float(missing or 0), 0.0, EXIT_INCOMPLETE,
+                                   f"the summary is incomplete: {missing} planned shards were not merged"))
+    if audit_cfg.min_ssim is not None:
+        counts = _below_entry(summary, audit_cfg.min_ssim, "min_ssim")
+        violation = _fraction_violation("min_ssim", None, counts, audit_cfg.min_ssim, audit_cfg.max_fraction_below)
+        found.extend([violation] if violation else [])
+    if audit_cfg.group_min_ssim is not None:
+        found.extend(_group_violations(summary, audit_cfg))
+    failures = summary["pairs"]["failures"]
+    if audit_cfg.max_failures is not None and failures > audit_cfg.max_failures:
+        found.append(GateViolation("max_failures", None, float(failures), float(audit_cfg.max_failures),
+                                   EXIT_FAILURE_GATE,
+                                   f"audit.max_failures={audit_cfg.max_failures}: {failures} pairs are not ok"))
+    return found
+
+
+def exit_code(violations: Sequence[GateViolation]) -> int:
+    """The process exit code for these violations: EXIT_OK, or the highest code among them.
+
+    Example:
+        >>> exit_code([])
+        0
+    """
+    return max((v.exit_code for v in violations), default=EXIT_OK)
