@@ -342,44 +342,19 @@ def test_file_url_and_memory_url_work_like_a_path(tmp_path, rows):
         assert committed_shard_ids(out) == {f"shard-0000{i}" for i in range(4)}
 
 
-@pytest.fixture(scope="module")
-def s3_options():
-    """A moto S3 server on 127.0.0.1 with dummy credentials from the environment (never in options)."""
-    import os
-
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "use_listings_cache": False}
-    try:
-        yield options
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def test_s3_output_through_the_moto_server(s3_options, rows):
+def test_s3_output_through_the_moto_server(s3_storage_options, s3_bucket, rows):
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**s3_options)
-    fs.mkdir("audit-out")
-    out = "s3://audit-out/run1"
-    _write_all(out, rows, storage_options=s3_options)
-    fs.rm("audit-out/run1/shards/shard-00003.commit.json")
-    assert committed_shard_ids(out, storage_options=s3_options) == {f"shard-0000{i}" for i in range(3)}
-    _write_all(out, rows, storage_options=s3_options)
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    out = f"s3://{s3_bucket}/run1"
+    _write_all(out, rows, storage_options=s3_storage_options)
+    fs.rm(f"{s3_bucket}/run1/shards/shard-00003.commit.json")
+    assert committed_shard_ids(out, storage_options=s3_storage_options) == {f"shard-0000{i}" for i in range(3)}
+    _write_all(out, rows, storage_options=s3_storage_options)
     summary = merge(out, plan_shard_ids=[f"shard-0000{i}" for i in range(4)], run_info=_info(len(rows)),
-                    summary_cfg=CFG, storage_options=s3_options)
+                    summary_cfg=CFG, storage_options=s3_storage_options)
     assert summary["pairs"]["merged"] == len(rows)
-    with fs.open("audit-out/run1/ssim.parquet", "rb") as handle:
+    with fs.open(f"{s3_bucket}/run1/ssim.parquet", "rb") as handle:
         assert pq.read_table(handle)["pair_id"].to_pylist() == [r["pair_id"] for r in rows]
-    assert json.loads(fs.cat_file("audit-out/run1/summary.json"))["ssim"] == summary["ssim"]
+    fs.invalidate_cache()
+    assert json.loads(fs.cat_file(f"{s3_bucket}/run1/summary.json"))["ssim"] == summary["ssim"]
