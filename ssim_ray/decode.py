@@ -152,10 +152,10 @@ def _rawmode(image: Image.Image) -> str:
 def _exact_pixels(image: Image.Image, data: bytes, *, name: str) -> Tuple[np.ndarray, int, str]:
     """(H, W, C) pixels with every stored bit, the bit depth, and a note on how they were decoded."""
     mode, rawmode = image.mode, _rawmode(image)
-    if mode in ("RGB", "RGBA") and ";16" in rawmode:
-        return _sixteen_bit_color(image, data, rawmode=rawmode, name=name), 16, " (16-bit color: two passes)"
     if mode == "RGBA" and rawmode == "LA;16B" and image.format == "PNG":
         return _sixteen_bit_gray_alpha_png(data, name=name), 16, " (16-bit gray+alpha: relabelled)"
+    if mode in ("RGB", "RGBA") and ";16" in rawmode:
+        return _sixteen_bit_color(image, data, rawmode=rawmode, name=name), 16, " (16-bit color: two passes)"
     if ";16" in rawmode and mode not in _SIXTEEN_BIT_GRAY:
         raise DecodeError("unsupported", f"{name}: {image.format} mode {mode} from {rawmode} cannot be decoded exactly")
     if mode in _SIXTEEN_BIT_GRAY:
