@@ -23,7 +23,7 @@ import hashlib
 import json
 import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
@@ -63,6 +63,7 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
+REQUIRED_ROW_KEYS = ("pair_id", "reference", "distorted", "status", "shard_id")
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
@@ -175,7 +176,8 @@ def rows_to_table(
     """Build a results table from plain dict rows: RESULT_SCHEMA's columns, then the pass-through ones.
 
     Args:
-        rows: one dict per pair with every key of RESULT_COLUMNS and every pass-through column.
+        rows: one dict per pair with the keys REQUIRED_ROW_KEYS and every pass-through column; the other
+            result columns (ssim, sizes, error, decoder...) default to null when absent (a failed pair).
         passthrough_columns: manifest columns copied to the results, in this order.
         passthrough_types: the manifest's type of each pass-through column; a column not named here gets
             the type pyarrow infers from its values (null when every value is None; `merge` unifies).
@@ -199,14 +201,15 @@ def rows_to_table(
         raise ValueError(f"pass-through columns must not reuse result column names {list(RESULT_COLUMNS)}, "
                          f"got {clashes}")
     names = list(RESULT_COLUMNS) + list(passthrough_columns)
+    required = list(REQUIRED_ROW_KEYS) + list(passthrough_columns)
     for index, row in enumerate(rows):
-        missing = [name for name in names if name not in row]
+        missing = [name for name in required if name not in row]
         if missing:
-            raise ValueError(f"result row {index} must have keys {names}, got {sorted(row)} (missing {missing})")
+            raise ValueError(f"result row {index} must have keys {required}, got {sorted(row)} (missing {missing})")
     types = dict(passthrough_types or {})
     arrays = []
     for name in names:
-        values = [row[name] for row in rows]
+        values = [row.get(name) for row in rows]
         wanted = RESULT_SCHEMA.field(name).type if name in RESULT_COLUMNS else types.get(name)
         try:
             arrays.append(pa.array(values, type=wanted))
@@ -473,6 +476,37 @@ def build_run_manifest(
         "source": scrub_secrets(dict(source)),
         "created": _utc_now(),
     }
+
+
+def run_manifest(*, plan: Any, cfg: Any) -> Dict[str, Any]:
+    """The run manifest of a planned job: `build_run_manifest` from a `sources.Plan` and an AuditJobConfig.
+
+    The metric entry is the metric's name with every `ssim.*` option (window, constants, data_range, color,
+    alpha, downsampling, precision): any of them changes scores, so a resume must agree on all of them.
+
+    Args:
+        plan: `sources.plan_shards(cfg.source)`.
+        cfg: the job's AuditJobConfig.
+
+    Returns:
+        The manifest dict for `check_resume_compatible`.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from ssim_ray.config import AuditJobConfig
+        >>> plan = SimpleNamespace(fingerprint="f", total_pairs=2, shards=("s0",))
+        >>> run_manifest(plan=plan, cfg=AuditJobConfig())["metric"]["name"]
+        'wang2004'
+    """
+    from ssim_ray.ssim import METRIC_NAME
+
+    return build_run_manifest(
+        plan_fingerprint=plan.fingerprint,
+        total_pairs=plan.total_pairs,
+        num_shards=len(plan.shards),
+        metric={"name": METRIC_NAME, **asdict(cfg.ssim)},
+        source=asdict(cfg.source),
+    )
 
 
 def _flatten(prefix: str, value: Any) -> Dict[str, Any]:
@@ -779,6 +813,9 @@ def merge(
     """
     import time
 
+    if not isinstance(run_info, RunInfo):
+        raise TypeError(f"run_info must be a results.RunInfo (fields {[f.name for f in fields(RunInfo)]}), "
+                        f"got {type(run_info).__name__}")
     started = time.perf_counter()
     fs, root = _filesystem(output_url, storage_options)
     scan = scan_shards(output_url, storage_options=storage_options)

@@ -65,13 +65,25 @@ def test_rows_to_table_has_the_fixed_schema_then_passthrough(rows):
 
 def test_rows_to_table_names_the_missing_key_and_clashing_columns(rows):
     broken = dict(rows[0])
-    del broken["width"]
-    with pytest.raises(ValueError, match=r"missing \['width'\]"):
+    del broken["reference"], broken["photo"]
+    with pytest.raises(ValueError, match=r"missing \['reference', 'photo'\]"):
         rows_to_table([broken], PASSTHROUGH)
     with pytest.raises(ValueError, match="must not reuse result column names.*'ssim'"):
         rows_to_table(rows[:1], ["ssim"])
     with pytest.raises(ValueError, match="'height'"):
         rows_to_table([dict(rows[0], height="tall")], PASSTHROUGH)
+
+
+def test_failed_rows_may_leave_out_the_measurement_columns():
+    row = {"pair_id": "p", "reference": "a.png", "distorted": "b.png", "status": "worker_failed",
+           "error": "shard s0 failed on 3 attempts", "shard_id": "s0", "photo": "camera"}
+    table = rows_to_table([row], ["photo"])
+    assert table.to_pylist()[0] == {name: None for name in RESULT_COLUMNS} | row
+
+
+def test_merge_wants_a_typed_run_info(tmp_path):
+    with pytest.raises(TypeError, match=r"run_info must be a results.RunInfo \(fields \['metric', .*got dict"):
+        merge(str(tmp_path), plan_shard_ids=[], run_info={"wall_seconds": 1.0}, summary_cfg=CFG)
 
 
 def test_write_shard_writes_part_then_marker_that_describes_it(tmp_path, rows):
