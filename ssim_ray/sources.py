@@ -625,6 +625,15 @@ def _raise_on_duplicates(fs: Any, paths: List[str], column: str, *, candidates: 
                     seen[text] = where
 
 
+def _object_version(info: Dict[str, Any]) -> Any:
+    """What tells a rewritten object from the old one: a content hash where the store has one, else mtime."""
+    for name in ("ETag", "etag", "md5Hash", "crc32c", "mtime", "LastModified", "last_modified"):
+        if info.get(name) is not None:
+            value = info[name]
+            return value if isinstance(value, (str, int, float)) else str(value)
+    return None
+
+
 def read_manifest_rows(
     file_url: str, *, source: SourceConfig, columns: ManifestColumns, row_groups: Tuple[int, ...], skip: int,
     limit: int, batch_size: int,
@@ -670,8 +679,8 @@ def plan_prefix_rows(cfg: SourceConfig) -> Tuple[List[PrefixRows], str]:
     return [PrefixRows(keys=tuple(pairs[i:i + step])) for i in range(0, len(pairs), step)], digest.hexdigest()
 
 
-def _list_prefix(url: str, *, cfg: SourceConfig, option: str) -> Dict[str, Tuple[str, int, Optional[str]]]:
-    """key -> (URL, size, ETag or None) of every object under `url`."""
+def _list_prefix(url: str, *, cfg: SourceConfig, option: str) -> Dict[str, Tuple[str, int, Any]]:
+    """key -> (URL, size, version) of every object under `url`; version: the store's ETag/hash or the mtime."""
     fs, root = open_url(url, storage_options=cfg.storage_options)
     root = root.rstrip("/")
     listing = fs.find(root, detail=True)
@@ -687,7 +696,7 @@ def _list_prefix(url: str, *, cfg: SourceConfig, option: str) -> Dict[str, Tuple
                 f"{key!r} with source.ignore_extension=true"
             )
         info = listing[path]
-        found[key] = (_url_of(fs, path), int(info.get("size") or 0), info.get("ETag"))
+        found[key] = (_url_of(fs, path), int(info.get("size") or 0), _object_version(info))
     return found
 
 
