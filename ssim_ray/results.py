@@ -83,7 +83,8 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _filesystem(output_url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[Any, str]:
+def output_filesystem(output_url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[Any, str]:
+    """The fsspec filesystem of `output_url` and its root path (no trailing slash)."""
     fs, root = fsspec.core.url_to_fs(output_url, **dict(storage_options or {}))
     return fs, root.rstrip("/")
 
@@ -93,7 +94,8 @@ def _is_local(fs: Any) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _write_bytes(fs: Any, path: str, data: bytes) -> None:
+def write_bytes(fs: Any, path: str, data: bytes) -> None:
+    """Write a whole file, creating local folders as needed."""
     # Only a local filesystem needs folders; on object stores makedirs may create a bucket, which we never want.
     if _is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -344,13 +346,13 @@ def write_shard(
     data = sink.getvalue().to_pybytes()
     commit = ShardCommit(shard_id, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), _utc_now(),
                          table.schema, stats)
-    fs, root = _filesystem(output_url, storage_options)
+    fs, root = output_filesystem(output_url, storage_options)
     marker = _marker_path(root, shard_id)
     # An old marker beside a half-rewritten part would still look committed if the sizes happened to agree.
     if fs.exists(marker):
         fs.rm(marker)
-    _write_bytes(fs, _part_path(root, shard_id), data)
-    _write_bytes(fs, marker, json.dumps(commit.to_json(), sort_keys=True).encode("utf-8"))
+    write_bytes(fs, _part_path(root, shard_id), data)
+    write_bytes(fs, marker, json.dumps(commit.to_json(), sort_keys=True).encode("utf-8"))
     return commit
 
 
@@ -380,7 +382,7 @@ def scan_shards(output_url: str, *, storage_options: Optional[Mapping[str, Any]]
         >>> scan_shards("memory://doc-empty").commits
         {}
     """
-    fs, root = _filesystem(output_url, storage_options)
+    fs, root = output_filesystem(output_url, storage_options)
     folder = f"{root}/{SHARDS_DIR}"
     # Listings are cached per filesystem instance; other processes (the workers) have written since.
     fs.invalidate_cache(folder)
@@ -540,7 +542,7 @@ def clear_outputs(output_url: str, *, storage_options: Optional[Mapping[str, Any
     Example:
         >>> clear_outputs("memory://doc-clear")
     """
-    fs, root = _filesystem(output_url, storage_options)
+    fs, root = output_filesystem(output_url, storage_options)
     fs.invalidate_cache(root)
     folder = f"{root}/{SHARDS_DIR}"
     if fs.exists(folder):
@@ -605,11 +607,11 @@ def check_resume_compatible(
     """
     if mode not in OUTPUT_MODES:
         raise ValueError(f"mode must be one of {list(OUTPUT_MODES)}, got {mode!r}")
-    fs, root = _filesystem(output_url, storage_options)
+    fs, root = output_filesystem(output_url, storage_options)
     path = f"{root}/{RUN_MANIFEST}"
     if mode == "overwrite":
         clear_outputs(output_url, storage_options=storage_options)
-        _write_bytes(fs, path, json.dumps(scrub_secrets(dict(run_manifest)), indent=1).encode("utf-8"))
+        write_bytes(fs, path, json.dumps(scrub_secrets(dict(run_manifest)), indent=1).encode("utf-8"))
         return "overwrite"
     existing = _read_manifest(fs, path)
     if existing is None:
@@ -619,7 +621,7 @@ def check_resume_compatible(
                 f"{output_url} holds {len(committed)} committed shards but no {RUN_MANIFEST}, so they cannot be "
                 "checked against this run; use a new output.url, or output.mode=overwrite to discard them"
             )
-        _write_bytes(fs, path, json.dumps(scrub_secrets(dict(run_manifest)), indent=1).encode("utf-8"))
+        write_bytes(fs, path, json.dumps(scrub_secrets(dict(run_manifest)), indent=1).encode("utf-8"))
         return "new"
     differences = manifest_differences(existing, run_manifest)
     if differences:
@@ -817,7 +819,7 @@ def merge(
         raise TypeError(f"run_info must be a results.RunInfo (fields {[f.name for f in fields(RunInfo)]}), "
                         f"got {type(run_info).__name__}")
     started = time.perf_counter()
-    fs, root = _filesystem(output_url, storage_options)
+    fs, root = output_filesystem(output_url, storage_options)
     scan = scan_shards(output_url, storage_options=storage_options)
     commits, missing = _planned_commits(scan, plan_shard_ids, allow_incomplete=allow_incomplete)
     if fs.exists(f"{root}/{SUMMARY_FILE}"):
@@ -831,7 +833,7 @@ def merge(
     summary = _summary(stats, collector, run_info, scan, plan_shard_ids, missing, thresholds)
     summary["audit"] = asdict(audit_cfg) if audit_cfg else None
     summary["merge_seconds"] = round(time.perf_counter() - started, 3)
-    _write_bytes(fs, f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=1).encode("utf-8"))
+    write_bytes(fs, f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=1).encode("utf-8"))
     return summary
 
 

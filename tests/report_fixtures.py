@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import skimage.data
@@ -116,13 +116,28 @@ def _failure_rows(folder: Path) -> List[dict]:
     return rows
 
 
-def in_shards(rows: List[dict], sizes: List[int]) -> Dict[str, List[dict]]:
-    """Split rows into consecutive shards of the given sizes, ids shard-00000, shard-00001, ..."""
+def in_shards(rows: List[dict], sizes: List[int], ids: Optional[List[str]] = None) -> Dict[str, List[dict]]:
+    """Split rows into consecutive shards of the given sizes, ids shard-00000, shard-00001, ... by default."""
     shards, start = {}, 0
     for index, size in enumerate(sizes):
-        shard_id = f"shard-{index:05d}"
+        shard_id = ids[index] if ids else f"shard-{index:05d}"
         shards[shard_id] = [dict(row, shard_id=shard_id) for row in rows[start:start + size]]
         start += size
     if start != len(rows):
         raise ValueError(f"shard sizes must add up to {len(rows)} rows, got {start}")
     return shards
+
+
+def write_manifest(rows: List[dict], path: Path) -> str:
+    """A Parquet manifest of the rows' pairs (pair_id, reference, distorted and the pass-through columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ("pair_id", "reference", "distorted", "distortion", "photo")
+    pq.write_table(pa.table({name: [row[name] for row in rows] for name in columns}), path)
+    return str(path)
+
+
+def shards_of_plan(rows: List[dict], plan) -> Dict[str, List[dict]]:
+    """The rows split as `plan` (sources.plan_shards of the rows' manifest) splits them, with its shard ids."""
+    return in_shards(rows, [shard.num_pairs for shard in plan.shards], ids=[s.shard_id for s in plan.shards])
