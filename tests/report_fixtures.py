@@ -141,3 +141,46 @@ def write_manifest(rows: List[dict], path: Path) -> str:
 def shards_of_plan(rows: List[dict], plan) -> Dict[str, List[dict]]:
     """The rows split as `plan` (sources.plan_shards of the rows' manifest) splits them, with its shard ids."""
     return in_shards(rows, [shard.num_pairs for shard in plan.shards], ids=[s.shard_id for s in plan.shards])
+
+
+WORST_K = 5
+HOSTILE_ERROR = "cannot decode <script>alert('x')</script> & more"
+
+
+class _JobConfig:
+    """The two parts of an AuditJobConfig that results.run_manifest reads."""
+
+    def __init__(self, source) -> None:
+        from ssim_ray.config import SSIMConfig
+
+        self.source, self.ssim = source, SSIMConfig()
+
+
+def build_audit(folder: Path, *, audit) -> str:
+    """An audit output of the real photo pairs, written and merged by results, grouped by distortion.
+
+    The pairs are listed in a Parquet manifest and planned by sources.plan_shards, so the report can find
+    and re-read them; the rows' scores are skimage's. One failure message holds HTML to be escaped.
+    """
+    from ssim_ray.config import SourceConfig, SummaryConfig
+    from ssim_ray.results import RunInfo, check_resume_compatible, merge, rows_to_table, run_manifest
+    from ssim_ray.results import shard_stats, write_shard
+    from ssim_ray.sources import plan_shards
+
+    rows = photo_rows(folder / "images")
+    rows[-2]["error"] = HOSTILE_ERROR  # the unreadable row: its message must reach the page escaped
+    source = SourceConfig(kind="parquet", url=write_manifest(rows, folder / "manifest.parquet"), pairs_per_shard=8)
+    plan = plan_shards(source)
+    out = str(folder / "out")
+    manifest = run_manifest(plan=plan, cfg=_JobConfig(source))
+    check_resume_compatible(out, manifest, mode="resume")
+    summary_cfg = SummaryConfig(group_by="distortion", worst_k=WORST_K, examples_per_status=2)
+    for shard_id, shard_rows in shards_of_plan(rows, plan).items():
+        table = rows_to_table(shard_rows, ["distortion", "photo"])
+        write_shard(out, shard_id, table, stats=shard_stats(table, summary_cfg))
+    info = RunInfo(metric=manifest["metric"], plan_fingerprint=plan.fingerprint, total_pairs=plan.total_pairs,
+                   wall_seconds=4.25, processing_seconds=2.5, pairs_computed=len(rows), shards_computed=5,
+                   batch_sizes={"1x96x128 uint8": 8, "3x96x128 uint8": 4}, device="cpu", num_workers=2)
+    merge(out, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info, summary_cfg=summary_cfg,
+          audit_cfg=audit)
+    return out

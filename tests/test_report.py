@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from report_fixtures import photo_rows, shards_of_plan, write_manifest
-from ssim_ray.config import AuditConfig, ReportConfig, SourceConfig, SSIMConfig, SummaryConfig
+from report_fixtures import HOSTILE_ERROR, WORST_K, build_audit
+from ssim_ray.config import AuditConfig, ReportConfig
 from ssim_ray.gates import EXIT_QUALITY_GATE
 from ssim_ray.report import (
     HIST_BINS,
@@ -32,47 +32,6 @@ from ssim_ray.report import (
     make_report,
     rebin,
 )
-from ssim_ray.results import (
-    RunInfo,
-    check_resume_compatible,
-    merge,
-    rows_to_table,
-    run_manifest,
-    shard_stats,
-    write_shard,
-)
-from ssim_ray.sources import plan_shards
-
-WORST_K = 5
-HOSTILE_ERROR = "cannot decode <script>alert('x')</script> & more"
-
-
-class _Config:
-    """The two parts of an AuditJobConfig that run_manifest reads."""
-
-    def __init__(self, source: SourceConfig) -> None:
-        self.source, self.ssim = source, SSIMConfig()
-
-
-def build_audit(folder: Path, *, audit: AuditConfig) -> str:
-    """Write, merge and return an audit output of the real photo pairs, grouped by distortion."""
-    rows = photo_rows(folder / "images")
-    rows[-2]["error"] = HOSTILE_ERROR  # the unreadable row: its message must reach the page escaped
-    source = SourceConfig(kind="parquet", url=write_manifest(rows, folder / "manifest.parquet"), pairs_per_shard=8)
-    plan = plan_shards(source)
-    out = str(folder / "out")
-    manifest = run_manifest(plan=plan, cfg=_Config(source))
-    check_resume_compatible(out, manifest, mode="resume")
-    summary_cfg = SummaryConfig(group_by="distortion", worst_k=WORST_K, examples_per_status=2)
-    for shard_id, shard_rows in shards_of_plan(rows, plan).items():
-        table = rows_to_table(shard_rows, ["distortion", "photo"])
-        write_shard(out, shard_id, table, stats=shard_stats(table, summary_cfg))
-    info = RunInfo(metric=manifest["metric"], plan_fingerprint=plan.fingerprint, total_pairs=plan.total_pairs,
-                   wall_seconds=4.25, processing_seconds=2.5, pairs_computed=len(rows), shards_computed=5,
-                   batch_sizes={"1x96x128 uint8": 8, "3x96x128 uint8": 4}, device="cpu", num_workers=2)
-    merge(out, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info, summary_cfg=summary_cfg,
-          audit_cfg=audit)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +44,11 @@ def audit(tmp_path_factory):
 
 
 class _Page(HTMLParser):
-    """Collects the numbers (with their summary paths), images, links and scripts of a page."""
+    """Collects the numbers (with their summary paths), images, external references and meta tags of a page."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.numbers, self.images, self.refs, self.scripts, self.meta = [], [], [], [], []
+        self.numbers, self.images, self.refs, self.meta = [], [], [], []
         self._open = None
 
     def handle_starttag(self, tag, attrs):
