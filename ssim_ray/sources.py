@@ -15,7 +15,7 @@ import posixpath
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,7 @@ from ssim_ray.storage import PathEscapeError, open_url, read_bytes, redact_url, 
 
 __all__ = [
     "STATUSES", "LoadedPair", "ManifestError", "ParquetRows", "Plan", "PrefixRows", "Shard",
-    "iter_shard_pairs", "plan_shards",
+    "iter_shard_pairs", "load_pairs", "plan_shards",
 ]
 
 # Per-pair outcomes. Beyond the contract's list: `depth_mismatch` (8-bit against 16-bit, whose data ranges
@@ -290,22 +290,54 @@ def iter_shard_pairs(
         raise ValueError(f"threads and prefetch must be >= 1, got threads={threads}, prefetch={prefetch}")
     rows = _shard_rows(shard, source, batch_size=max(prefetch, 16))
     count = 0
+    for pair in _load_in_order(rows, source, ssim, threads=threads, prefetch=prefetch):
+        count += 1
+        yield pair
+    if count != shard.num_pairs:
+        raise ManifestError(f"shard {shard.shard_id}: planned {shard.num_pairs} pairs, found {count}; the manifest changed since planning")
+
+
+def load_pairs(
+    shard: Shard, source: SourceConfig, ssim: SSIMConfig, *, pair_ids: Set[str], threads: int = 2
+) -> List[LoadedPair]:
+    """Only the pairs of `shard` whose ids are in `pair_ids`, decoded; the shard's other rows are skipped.
+
+    For re-reading a few pairs after a run (the report's worst pairs) without decoding whole shards.
+
+    Args:
+        shard: a shard of the plan the pairs were computed in.
+        source: the source config of that run.
+        ssim: the metric config of that run (color, alpha, data_range).
+        pair_ids: the ids wanted; ids not in the shard are simply not returned.
+        threads: fetch-and-decode threads.
+
+    Returns:
+        The loaded pairs in shard order (with `row_index` their position in the shard).
+
+    Example:
+        >>> plan = plan_shards(SourceConfig(kind="sample"))  # doctest: +SKIP
+        >>> [p.pair_id for p in load_pairs(plan.shards[0], SourceConfig(kind="sample"), SSIMConfig(),
+        ...                                pair_ids={"camera/jpeg/10"})]  # doctest: +SKIP
+        ['camera/jpeg/10']
+    """
+    wanted = (row for row in _shard_rows(shard, source, batch_size=64) if row.pair_id in pair_ids)
+    return list(_load_in_order(wanted, source, ssim, threads=threads, prefetch=max(threads, 1)))
+
+
+def _load_in_order(rows: Iterator[_Row], source: SourceConfig, ssim: SSIMConfig, *, threads: int, prefetch: int) -> Iterator[LoadedPair]:
+    """Load rows on a thread pool, at most `prefetch` ahead of the consumer, yielding in row order."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssim-load") as pool:
         pending: deque[Future] = deque()
         try:
             for row in rows:
                 pending.append(pool.submit(_load_pair, row, source, ssim))
                 if len(pending) >= prefetch:
-                    count += 1
                     yield pending.popleft().result()
             while pending:
-                count += 1
                 yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
-    if count != shard.num_pairs:
-        raise ManifestError(f"shard {shard.shard_id}: planned {shard.num_pairs} pairs, found {count}; the manifest changed since planning")
 
 
 def _shard_rows(shard: Shard, source: SourceConfig, *, batch_size: int) -> Iterator[_Row]:

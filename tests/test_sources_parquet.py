@@ -235,3 +235,16 @@ def test_data_range_from_config_and_y_color_policy(photo_set):
     pairs = _load_all(plan_shards(cfg), cfg, SSIMConfig(data_range=4095, color="y"))
     assert {p.data_range for p in pairs} == {4095.0}
     assert all(p.ref.shape[0] == 1 and p.dist.shape[0] == 1 for p in pairs)
+
+
+def test_load_pairs_decodes_only_the_pairs_asked_for(photo_set, monkeypatch):
+    root, _, rows = photo_set
+    _write_manifest(root / "pairs.parquet", [(f"p{i}", *rows[i % 3][1:]) for i in range(9)])
+    cfg = SourceConfig(kind="parquet", url=str(root / "pairs.parquet"), pairs_per_shard=9)
+    shard = plan_shards(cfg).shards[0]
+    decoded = []
+    real_load = sources._load_pair
+    monkeypatch.setattr(sources, "_load_pair", lambda row, *rest: decoded.append(row.pair_id) or real_load(row, *rest))
+    pairs = sources.load_pairs(shard, cfg, SSIMConfig(), pair_ids={"p7", "p2", "not-in-shard"})
+    assert [(p.pair_id, p.row_index, p.status) for p in pairs] == [("p2", 2, "ok"), ("p7", 7, "ok")]
+    assert sorted(decoded) == ["p2", "p7"]
