@@ -55,24 +55,27 @@ class ProbeRecord:
 # ---------------------------------------------------------------- memory measurement per device
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise ProbeError(f"/proc/self/status has no {field} line; cannot measure CPU memory")
+def _cpu_torch_peak_bytes(work: Callable[[], None]) -> int:
+    """Peak of the bytes PyTorch held on the CPU during `work`, from the profiler's allocation events.
 
+    Resident-set counters cannot measure this: the allocator reuses pages already resident, so a trial
+    batch often shows no growth at all. The profiler records every allocation and free with its size.
+    """
+    from torch.profiler import ProfilerActivity, profile
 
-def _reset_cpu_peak() -> None:
-    # Linux resets the resident-set high-water mark (VmHWM) to the current RSS on "5".
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError as exc:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if not events:
         raise ProbeError(
-            f"cannot reset the peak-RSS counter (/proc/self/clear_refs: {exc}); "
-            "the CPU memory probe needs Linux: set batch.size=<int> instead"
-        ) from exc
+            "the PyTorch profiler recorded no CPU allocation during the trial batch; cannot measure its "
+            "memory. Set batch.size=<int>."
+        )
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 def cpu_available_bytes() -> int:
@@ -116,10 +119,7 @@ class _PeakMeter:
             work()
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device) - base)
-        _reset_cpu_peak()
-        base = _proc_status_bytes("VmRSS")
-        work()
-        return int(_proc_status_bytes("VmHWM") - base)
+        return _cpu_torch_peak_bytes(work)
 
 
 # ---------------------------------------------------------------- the sizer

@@ -26,8 +26,9 @@ def test_cpu_probe_measures_peak_and_extrapolates_within_budget(monkeypatch):
     sizer = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000)
     size = sizer.probe(KEY, 4, _allocating_trial(per_pair, 4))
     record = sizer.records[KEY]
-    # RSS granularity and allocator slack: the measured per-pair peak is within 25% of what was allocated.
-    assert per_pair * 0.95 <= record.peak_bytes_per_pair <= per_pair * 1.25
+    # The profiler sees the allocation itself: the per-pair peak is what was allocated (plus a few bytes
+    # of scalars), not what the resident set happened to grow by.
+    assert per_pair <= record.peak_bytes_per_pair <= per_pair + 1024
     expected = (8 * 2**30 * 0.5) // record.peak_bytes_per_pair
     assert size == int(expected)
     assert 40 <= size <= 64

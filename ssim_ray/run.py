@@ -1,0 +1,334 @@
+"""evaluate(cfg): plan → skip committed shards → actors pull shards → merge → report → gates.
+
+The driver holds the plan (small: shards, not pairs), hands shards to actors as they free up (a fast
+actor takes more), and commits nothing itself except `worker_failed` rows for a shard that failed on
+every attempt. Everything it merges comes from commit markers, so a crash of the driver loses nothing
+that an actor committed: rerunning with the same `output.url` resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+import ray
+import ray.exceptions
+
+from ssim_ray import gates, report, results, sources
+from ssim_ray.config import AuditJobConfig
+from ssim_ray.progress import Progress
+from ssim_ray.ssim import metric_settings
+from ssim_ray.worker import ShardResult, ShardWorker, WorkerSpec
+
+WORKER_FAILED = "worker_failed"
+# Shards queued per actor: one running and one waiting, so an actor never idles between shards.
+SHARDS_IN_FLIGHT_PER_ACTOR = 2
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    summary: dict
+    exit_code: int
+    output_url: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where actors run and how many."""
+
+    device: str
+    num_workers: int
+    actor_options: Dict[str, float]
+    torch_threads: int
+    memory_share: float
+
+
+def connect_ray(address: Optional[str]) -> bool:
+    """Start a local Ray (address None) or join a cluster. Returns True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(include_dashboard=False, configure_logging=False)
+    else:
+        ray.init(address=address)
+    return True
+
+
+def plan_placement(cfg: AuditJobConfig) -> Placement:
+    runtime = cfg.runtime
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    device = runtime.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 and runtime.gpus_per_worker > 0 else "cpu"
+    if device == "cuda":
+        if gpus <= 0:
+            raise RuntimeError("runtime.device=cuda, but the Ray cluster reports no GPU")
+        num_workers = runtime.num_workers or max(1, int(gpus // runtime.gpus_per_worker))
+        options = {"num_gpus": runtime.gpus_per_worker, "num_cpus": runtime.cpus_per_worker}
+        share = min(1.0, runtime.gpus_per_worker)
+    else:
+        num_workers = runtime.num_workers or max(1, int(cpus // runtime.cpus_per_worker))
+        options = {"num_cpus": runtime.cpus_per_worker}
+        nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU")))
+        share = 1.0 / max(1, math.ceil(num_workers / nodes))
+    return Placement(device, num_workers, options, max(1, int(runtime.cpus_per_worker)), share)
+
+
+def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement) -> WorkerSpec:
+    return WorkerSpec(
+        source=cfg.source,
+        ssim=cfg.ssim,
+        batch=cfg.batch,
+        summary=cfg.summary,
+        output_url=output_url,
+        output_storage_options=dict(cfg.output.storage_options),
+        device=placement.device,
+        torch_threads=placement.torch_threads,
+        decode_threads=cfg.runtime.decode_threads,
+        memory_share=placement.memory_share,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error row: the user's exception inside a RayTaskError, else Ray's own error."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+    shown = cause if isinstance(cause, BaseException) else exc
+    text = f"{type(shown).__name__}: {shown}".strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(shown).__name__)[:500]
+
+
+class ShardDispatcher:
+    """Hands shards to actors as they free up; retries shards of dead actors; types hopeless shards."""
+
+    def __init__(self, actors: list, plan: sources.Plan, cfg: AuditJobConfig, output_url: str) -> None:
+        self.actors = actors
+        self.plan = plan
+        self.cfg = cfg
+        self.output_url = output_url
+        self.attempts: Dict[str, int] = {}
+        self.last_error: Dict[str, str] = {}
+        self.results: List[ShardResult] = []
+        self.failed_shards: List[str] = []
+
+    def _submit(self, actor_index: int, shard: sources.Shard, inflight: dict, per_actor: Dict[int, Deque]) -> None:
+        ref = self.actors[actor_index].run_shard.remote(shard, self.plan.passthrough_columns)
+        inflight[ref] = (actor_index, shard)
+        per_actor[actor_index].append(ref)
+
+    def _on_failure(self, shard: sources.Shard, exc: Exception, counted: bool, queue: Deque) -> None:
+        self.last_error[shard.shard_id] = describe_error(exc)
+        if counted:
+            self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
+        if self.attempts.get(shard.shard_id, 0) >= self.cfg.runtime.max_shard_attempts:
+            self._commit_worker_failed(shard)
+        else:
+            queue.appendleft(shard)
+
+    def _commit_worker_failed(self, shard: sources.Shard) -> None:
+        message = (
+            f"shard {shard.shard_id} failed on {self.attempts[shard.shard_id]} attempts; "
+            f"last error: {self.last_error[shard.shard_id]}"
+        )
+        rows = [
+            {"pair_id": pair_id, "reference": reference, "distorted": distorted, "status": WORKER_FAILED,
+             "error": message, "shard_id": shard.shard_id, **passthrough}
+            for pair_id, reference, distorted, passthrough in sources.iter_shard_rows(shard, self.cfg.source)
+        ]
+        table = results.rows_to_table(rows, self.plan.passthrough_columns)
+        results.write_shard(
+            self.output_url,
+            shard.shard_id,
+            table,
+            storage_options=dict(self.cfg.output.storage_options),
+            stats=results.shard_stats(table, self.cfg.summary),
+        )
+        now = time.time()
+        self.failed_shards.append(shard.shard_id)
+        self.results.append(
+            ShardResult(shard.shard_id, len(rows), {WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")
+        )
+
+    def run(self, todo: List[sources.Shard], progress: Progress) -> None:
+        queue: Deque[sources.Shard] = deque(todo)
+        inflight: Dict[ray.ObjectRef, Tuple[int, sources.Shard]] = {}
+        per_actor: Dict[int, Deque] = {i: deque() for i in range(len(self.actors))}
+        done_pairs = failures = 0
+        while queue or inflight:
+            for index in range(len(self.actors)):
+                while queue and len(per_actor[index]) < SHARDS_IN_FLIGHT_PER_ACTOR:
+                    self._submit(index, queue.popleft(), inflight, per_actor)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.cfg.runtime.progress_interval_s)
+            for ref in ready:
+                index, shard = inflight.pop(ref)
+                # Calls on one actor run in order: the oldest unfinished one is the one that was running.
+                was_running = per_actor[index][0] == ref
+                per_actor[index].remove(ref)
+                try:
+                    result: ShardResult = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    self._on_failure(shard, exc, True, queue)
+                    continue
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    self._on_failure(shard, exc, was_running, queue)
+                    continue
+                self.results.append(result)
+            finished = {r.shard_id: r for r in self.results}
+            done_pairs = sum(r.rows for r in finished.values())
+            failures = sum(n for r in finished.values() for s, n in r.status_counts.items() if s != "ok")
+            progress.update(done_pairs=done_pairs, failures=failures)
+
+
+def _batch_sizes(shard_results: List[ShardResult]) -> Dict[str, dict]:
+    merged: Dict[str, dict] = {}
+    for result in shard_results:
+        for bucket, record in result.batch_sizes.items():
+            sizes = merged.setdefault(bucket, {"batch_sizes": set(), "ooms": 0})
+            sizes["batch_sizes"].add(record["batch_size"])
+            sizes["ooms"] = max(sizes["ooms"], record.get("ooms", 0))
+    return {k: {"batch_sizes": sorted(v["batch_sizes"]), "ooms": v["ooms"]} for k, v in merged.items()}
+
+
+def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Optional[float], placement) -> results.RunInfo:
+    by_actors = [r for r in computed if r.worker != "driver"]
+    span = (max(r.finished for r in by_actors) - min(r.started for r in by_actors)) if by_actors else None
+    device = None
+    if placement is not None:
+        device = placement.device
+        devices = sorted({r.device for r in by_actors})
+        if devices:
+            device = ", ".join(devices)
+    return results.RunInfo(
+        metric=metric_settings(
+            win_size=cfg.ssim.win_size, sigma=cfg.ssim.sigma, k1=cfg.ssim.k1, k2=cfg.ssim.k2,
+            gaussian=cfg.ssim.gaussian, downsample=cfg.ssim.downsample, precision=cfg.ssim.precision,
+            data_range=cfg.ssim.data_range,
+        ),
+        plan_fingerprint=plan.fingerprint,
+        total_pairs=plan.total_pairs,
+        source=dataclasses.asdict(cfg.source),
+        wall_seconds=wall,
+        processing_seconds=span,
+        pairs_computed=sum(r.rows for r in by_actors),
+        shards_computed=len(computed),
+        shards_resumed=resumed,
+        batch_sizes=_batch_sizes(computed),
+        device=device,
+        num_workers=placement.num_workers if placement else None,
+    )
+
+
+def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
+    """Run the whole audit and return its summary and exit code (0, or a quality-gate code)."""
+    started = time.time()
+    plan = sources.plan_shards(cfg.source)
+    manifest = results.run_manifest(plan=plan, cfg=cfg)
+    results.check_resume_compatible(
+        output_url, manifest, mode=cfg.output.mode, storage_options=dict(cfg.output.storage_options)
+    )
+    committed = results.committed_shard_ids(output_url, storage_options=dict(cfg.output.storage_options))
+    todo = [shard for shard in plan.shards if shard.shard_id not in committed]
+    resumed = len(plan.shards) - len(todo)
+    resumed_pairs = sum(s.num_pairs for s in plan.shards if s.shard_id in committed)
+    print(
+        f"[ssim_ray] plan: {plan.total_pairs} pairs in {len(plan.shards)} shards; "
+        f"{resumed} already committed, {len(todo)} to compute",
+        file=sys.stderr,
+    )
+    placement = None
+    computed: List[ShardResult] = []
+    if todo:
+        started_ray = connect_ray(cfg.runtime.address)
+        try:
+            placement = plan_placement(cfg)
+            computed = _compute(cfg, plan, todo, output_url, placement, resumed_pairs)
+        finally:
+            if started_ray:
+                ray.shutdown()
+    info = _run_info(cfg, plan, computed, resumed, time.time() - started, placement)
+    return finish(cfg, output_url=output_url, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info)
+
+
+def _compute(cfg, plan, todo, output_url, placement: Placement, resumed_pairs: int) -> List[ShardResult]:
+    spec = _worker_spec(cfg, output_url, placement)
+    actor_class = ray.remote(ShardWorker).options(max_restarts=-1, max_task_retries=0, **placement.actor_options)
+    actors = [actor_class.remote(spec) for _ in range(min(placement.num_workers, len(todo)))]
+    print(
+        f"[ssim_ray] {len(actors)} {placement.device} actor(s) {placement.actor_options}",
+        file=sys.stderr,
+    )
+    progress = Progress(
+        total_pairs=plan.total_pairs, already_done=resumed_pairs, interval_s=cfg.runtime.progress_interval_s
+    )
+    dispatcher = ShardDispatcher(actors, plan, cfg, output_url)
+    try:
+        dispatcher.run(todo, progress)
+    finally:
+        progress.close()
+        for actor in actors:
+            ray.kill(actor)
+    return dispatcher.results
+
+
+def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], run_info) -> RunOutcome:
+    """Merge committed shards into ssim.parquet + summary.json (idempotent), report, and apply the gates."""
+    storage_options = dict(cfg.output.storage_options)
+    summary = results.merge(
+        output_url,
+        plan_shard_ids=plan_shard_ids,
+        run_info=run_info,
+        summary_cfg=cfg.summary,
+        storage_options=storage_options,
+        audit_cfg=cfg.audit,
+    )
+    if cfg.report.enabled:
+        made = report.make_report(
+            output_url, report_cfg=cfg.report, storage_options=storage_options,
+            source_cfg=cfg.source, ssim_cfg=cfg.ssim,
+        )
+        print(f"[ssim_ray] report: {made.html_path} ({made.seconds:.1f} s)", file=sys.stderr)
+    violations = gates.evaluate_gates(summary, cfg.audit)
+    for violation in violations:
+        print(f"[ssim_ray] GATE FAILED ({violation.exit_code}): {violation.message}", file=sys.stderr)
+    return RunOutcome(summary=summary, exit_code=gates.exit_code(violations), output_url=output_url)
+
+
+def merge_only(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
+    """Rebuild ssim.parquet and summary.json from the committed shards, computing nothing."""
+    plan = sources.plan_shards(cfg.source)
+    committed = results.committed_shard_ids(output_url, storage_options=dict(cfg.output.storage_options))
+    resumed = sum(1 for shard in plan.shards if shard.shard_id in committed)
+    info = _run_info(cfg, plan, [], resumed, None, None)
+    return finish(cfg, output_url=output_url, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info)
+
+
+def print_summary(outcome: RunOutcome, stream=None) -> None:
+    """A short human summary on stdout: counts, the SSIM distribution, the worst pairs, where results are."""
+    stream = stream or sys.stdout
+    summary = outcome.summary
+    write = lambda text="": print(text, file=stream)  # noqa: E731
+    write(f"\nSSIM audit ({summary.get('metric', {}).get('name', 'wang2004')}) — {outcome.output_url}")
+    counts = summary.get("counts", {})
+    write("  pairs by status: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    overall = summary.get("ssim", {})
+    if overall.get("count"):
+        pct = overall.get("percentiles", {})
+        write(
+            f"  ssim: mean {overall['mean']:.4f}  std {overall['std']:.4f}  min {overall['min']:.4f}  "
+            f"p5 {pct.get('5', float('nan')):.4f}  p50 {pct.get('50', float('nan')):.4f}  max {overall['max']:.4f}"
+        )
+    for worst in summary.get("worst", [])[:5]:
+        write(f"  worst: {worst['ssim']:.4f}  {worst['pair_id']}  {worst.get('distorted', '')}")
+    throughput = summary.get("throughput", {}).get("pairs_per_second")
+    shards = summary.get("shards", {})
+    write(
+        f"  shards: {shards.get('total')} total, {shards.get('computed')} computed, "
+        f"{shards.get('resumed')} resumed; "
+        + (f"{throughput:.1f} pairs/s" if throughput else "no pairs computed in this run")
+    )
+    write(f"  results: {outcome.output_url}/ssim.parquet, summary.json")

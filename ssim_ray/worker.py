@@ -1,0 +1,231 @@
+"""The Ray actor: one shard in, one committed part file out, a small ShardResult back.
+
+Inside an actor, `sources.iter_shard_pairs` fetches and decodes pairs on threads with a bounded prefetch
+while this thread computes SSIM on the device, so I/O and compute overlap. Pairs are bucketed by shape;
+each bucket's batch size comes from the memory probe (`batching.BatchSizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+
+from ssim_ray import results, sources
+from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memory
+from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
+from ssim_ray.ssim import ssim
+
+# Pairs in the probe's trial batch: enough to make the per-pair peak dominate fixed costs, small enough
+# to be cheap on the largest images.
+PROBE_TRIAL_PAIRS = 4
+COMPUTE_ERROR = "compute_error"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Everything an actor needs, as plain picklable values (never a DictConfig)."""
+
+    source: SourceConfig
+    ssim: SSIMConfig
+    batch: BatchConfig
+    summary: SummaryConfig
+    output_url: str
+    output_storage_options: dict
+    device: str  # "cpu" or "cuda"
+    torch_threads: int
+    decode_threads: int
+    memory_share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    """What an actor hands back for a committed shard: small, no rows."""
+
+    shard_id: str
+    rows: int
+    status_counts: Dict[str, int]
+    started: float
+    finished: float
+    batch_sizes: Dict[str, dict]
+    worker: str
+    device: str
+
+
+def _result_row(pair: sources.LoadedPair, shard_id: str) -> dict:
+    return {
+        "pair_id": pair.pair_id,
+        "reference": pair.reference,
+        "distorted": pair.distorted,
+        "ssim": None,
+        "ssim_per_channel": None,
+        "height": None,
+        "width": None,
+        "channels": None,
+        "data_range": pair.data_range,
+        "bit_depth": pair.bit_depth,
+        "status": pair.status,
+        "error": pair.error,
+        "decoder": pair.decoder,
+        "shard_id": shard_id,
+        **pair.passthrough,
+    }
+
+
+class ShardComputer:
+    """Computes the rows of one shard; separated from the actor so it can be tested without Ray."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        fixed = None if spec.batch.size == "auto" else int(spec.batch.size)
+        self.sizer = BatchSizer(
+            self.device,
+            fixed=fixed,
+            memory_fraction=spec.batch.memory_fraction,
+            max_size=spec.batch.max_size,
+            share=spec.memory_share,
+        )
+
+    # ------------------------------------------------------------ compute
+    def _scores(self, pairs: List[sources.LoadedPair]) -> torch.Tensor:
+        cfg = self.spec.ssim
+        non_blocking = self.device.type == "cuda"
+        x = torch.stack([p.ref for p in pairs])
+        y = torch.stack([p.dist for p in pairs])
+        if non_blocking:
+            x, y = x.pin_memory(), y.pin_memory()
+        per_channel = ssim(
+            x.to(self.device, non_blocking=non_blocking),
+            y.to(self.device, non_blocking=non_blocking),
+            data_range=pairs[0].data_range,
+            win_size=cfg.win_size,
+            sigma=cfg.sigma,
+            k1=cfg.k1,
+            k2=cfg.k2,
+            gaussian=cfg.gaussian,
+            per_channel=True,
+            downsample=cfg.downsample,
+            precision=cfg.precision,
+        )
+        return per_channel.cpu()
+
+    def _compute_batch(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
+        try:
+            per_channel = self._scores(pairs)
+        except Exception as exc:  # noqa: BLE001 - every failure is typed below, none is dropped
+            if is_out_of_memory(exc) and len(pairs) > 1:
+                half = self.sizer.on_oom(key, len(pairs))
+                for start in range(0, len(pairs), half):
+                    self._compute_batch(key, pairs[start : start + half], rows)
+                return
+            if len(pairs) > 1:  # isolate the pair that fails; the others still get scores
+                for pair in pairs:
+                    self._compute_batch(key, [pair], rows)
+                return
+            row = rows[pairs[0].row_index]
+            row["status"], row["error"] = COMPUTE_ERROR, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return
+        self._fill_scores(pairs, per_channel, rows)
+
+    @staticmethod
+    def _fill_scores(pairs: List[sources.LoadedPair], per_channel: torch.Tensor, rows: Dict[int, dict]) -> None:
+        # Reduce in the metric's own dtype, exactly as ssim() does, so the job's score has the same bits
+        # as a direct ssim(x, y) call; widen to float64 only for storage.
+        overall = per_channel.mean(-1).tolist()
+        per_channel_values = per_channel.tolist()
+        for i, pair in enumerate(pairs):
+            row = rows[pair.row_index]
+            row["ssim"], row["ssim_per_channel"] = overall[i], per_channel_values[i]
+            row["channels"], row["height"], row["width"] = (int(s) for s in pair.ref.shape)
+
+    def _flush(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
+        while pairs:
+            size = self.sizer.size_for(key)
+            if size is None:
+                trial = pairs[:PROBE_TRIAL_PAIRS]
+                self.sizer.probe(key, len(trial), lambda: self._compute_batch(key, trial, rows))
+                del pairs[: len(trial)]
+                continue
+            batch, pairs[:] = pairs[:size], pairs[size:]
+            self._compute_batch(key, batch, rows)
+
+    # ------------------------------------------------------------ shard
+    def compute_rows(self, shard: sources.Shard) -> List[dict]:
+        """Every pair of the shard as one result row, in shard order."""
+        spec = self.spec
+        rows: Dict[int, dict] = {}
+        buckets: Dict[BucketKey, List[sources.LoadedPair]] = defaultdict(list)
+        pairs = sources.iter_shard_pairs(
+            shard, spec.source, spec.ssim, threads=spec.decode_threads, prefetch=spec.batch.prefetch_pairs
+        )
+        for pair in pairs:
+            rows[pair.row_index] = _result_row(pair, shard.shard_id)
+            if pair.status != "ok":
+                continue
+            key = bucket_key(pair.ref)
+            bucket = buckets[key]
+            bucket.append(pair)
+            size = self.sizer.size_for(key)
+            if len(bucket) >= (PROBE_TRIAL_PAIRS if size is None else size):
+                self._flush(key, bucket, rows)
+        for key, bucket in buckets.items():
+            self._flush(key, bucket, rows)
+        return [rows[i] for i in sorted(rows)]
+
+    def run_shard(self, shard: sources.Shard, passthrough_columns: tuple) -> ShardResult:
+        started = time.time()
+        rows = self.compute_rows(shard)
+        if len(rows) != shard.num_pairs:
+            raise RuntimeError(
+                f"shard {shard.shard_id}: expected {shard.num_pairs} pairs, the source yielded {len(rows)}"
+            )
+        table = results.rows_to_table(rows, passthrough_columns)
+        results.write_shard(
+            self.spec.output_url,
+            shard.shard_id,
+            table,
+            storage_options=self.spec.output_storage_options,
+            stats=results.shard_stats(table, self.spec.summary),
+        )
+        counts: Dict[str, int] = defaultdict(int)
+        for row in rows:
+            counts[row["status"]] += 1
+        return ShardResult(
+            shard_id=shard.shard_id,
+            rows=len(rows),
+            status_counts=dict(counts),
+            started=started,
+            finished=time.time(),
+            batch_sizes=self.sizer.summary(),
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+            device=str(self.device),
+        )
+
+
+def configure_process(spec: WorkerSpec) -> None:
+    """Per-process set-up of an actor: torch threads, and no GPU for CPU actors."""
+    if spec.device == "cpu":
+        # Ray no longer hides GPUs from tasks that asked for none; a CPU actor must not touch one.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(max(1, spec.torch_threads))
+
+
+class ShardWorker:
+    """The Ray actor class (wrapped with ray.remote by run.py, with its resources)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        configure_process(spec)
+        self.computer = ShardComputer(spec)
+
+    def run_shard(self, shard: sources.Shard, passthrough_columns: tuple) -> ShardResult:
+        return self.computer.run_shard(shard, passthrough_columns)
+
+    def ping(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
