@@ -11,7 +11,6 @@ that is renamed into place: two processes making it at once both succeed and one
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -68,7 +67,6 @@ def ensure_sample_dataset(*, cache_dir: Optional[str] = None) -> str:
 
     Example:
         >>> import tempfile
-from concurrent.futures import ThreadPoolExecutor
         >>> manifest = ensure_sample_dataset(cache_dir=tempfile.mkdtemp())  # doctest: +SKIP
         >>> manifest.endswith("manifest.parquet")  # doctest: +SKIP
         True
@@ -111,7 +109,6 @@ def write_sample_dataset(folder: str) -> int:
 
     Example:
         >>> import tempfile
-from concurrent.futures import ThreadPoolExecutor
         >>> write_sample_dataset(tempfile.mkdtemp()) > 200  # doctest: +SKIP
         True
     """
