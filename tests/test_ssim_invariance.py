@@ -1,0 +1,154 @@
+"""A pair's score has the same bits whatever its batch: alone, in any batch size 1..64, at any position, in
+any ragged grouping, with any thread count, and from run to run; and ssim(x, y) is bitwise
+ssim(x, y, per_channel=True).mean(-1), which is what the job computes from per-channel scores.
+
+Every comparison here is torch.equal (bitwise), never a tolerance: the job merges scores computed in
+different batches, so "close" would be a bug.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from ssim_ray import ssim
+
+
+def real_pairs(count: int, channels: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` different (reference, JPEG-compressed + noisy) crops of real photos, (N, C, H, W) uint8."""
+    rng = np.random.default_rng(seed)
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    xs, ys = [], []
+    for _ in range(count):
+        img = photos[rng.integers(len(photos))]
+        top = rng.integers(0, img.shape[0] - height - channels + 1)
+        left = rng.integers(0, img.shape[1] - width - channels + 1)
+        # Channel c: colour plane c % 3, offset by c pixels, so four channels are four different images.
+        ref = np.stack([img[top + c : top + c + height, left + c : left + c + width, c % 3] for c in range(channels)])
+        dist = np.stack([jpeg_gray(plane, int(rng.integers(20, 90))) for plane in ref]).astype(np.float64)
+        dist = np.clip(np.rint(dist + rng.normal(0, 3, dist.shape)), 0, 255).astype(np.uint8)
+        xs.append(ref)
+        ys.append(dist)
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def jpeg_gray(plane: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(plane).save(buf, format="JPEG", quality=quality)
+    return np.array(Image.open(io.BytesIO(buf.getvalue())))
+
+
+def alone(x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
+    """Each pair scored on its own (batch of one)."""
+    return torch.cat([ssim(x[i : i + 1], y[i : i + 1], per_channel=True, **options) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+@pytest.mark.parametrize("channels, height, width", [(3, 37, 53), (1, 64, 21), (4, 11, 300)])
+def test_every_batch_size_from_1_to_64_gives_the_same_bits(precision: str, channels: int, height: int, width: int) -> None:
+    x, y = real_pairs(64, channels, height, width, seed=height)
+    want = alone(x, y, precision=precision)
+    assert len(set(want[:, 0].tolist())) == 64  # 64 different pairs, not one repeated
+    for size in range(1, 65):
+        got = torch.cat([ssim(x[i : i + size], y[i : i + size], per_channel=True, precision=precision)
+                         for i in range(0, 64, size)])
+        assert torch.equal(got, want), f"batch size {size}: {(got - want).abs().max().item()}"
+
+
+def test_large_images_batch_of_one_equals_batch_of_sixteen() -> None:
+    """The benchmark shape: where a reduction kernel would split work across threads differently."""
+    x, y = real_pairs(16, 3, 256, 256, seed=5)
+    batched = ssim(x, y, per_channel=True)
+    assert torch.equal(batched, alone(x, y))
+    assert torch.equal(ssim(x[3:4], y[3:4], per_channel=True), batched[3:4])
+
+
+def test_position_in_batch_does_not_matter() -> None:
+    x, y = real_pairs(24, 3, 40, 45, seed=11)
+    want = ssim(x, y, per_channel=True)
+    for seed in range(5):
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(24))
+        assert torch.equal(ssim(x[order], y[order], per_channel=True), want[order])
+
+
+def test_ragged_groupings_give_the_same_bits_as_alone() -> None:
+    shapes = [(3, 23, 31), (3, 64, 48), (3, 11, 11), (3, 100, 37)]
+    pairs = [real_pairs(6, *shape, seed=i) for i, shape in enumerate(shapes)]
+    xs = [x[j] for x, _ in pairs for j in range(6)]
+    ys = [y[j] for _, y in pairs for j in range(6)]
+    want = torch.cat([alone(x, y) for x, y in pairs])
+    assert torch.equal(ssim(xs, ys, per_channel=True), want)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(xs))
+        got = ssim([xs[i] for i in order], [ys[i] for i in order], per_channel=True)
+        assert torch.equal(got, want[torch.from_numpy(order)])
+        cut = int(rng.integers(1, len(xs)))  # the same pairs split over two calls
+        parts = torch.cat([ssim([xs[i] for i in order[:cut]], [ys[i] for i in order[:cut]], per_channel=True),
+                           ssim([xs[i] for i in order[cut:]], [ys[i] for i in order[cut:]], per_channel=True)])
+        assert torch.equal(parts, want[torch.from_numpy(order)])
+
+
+def test_ragged_list_equals_tensor_batch() -> None:
+    x, y = real_pairs(5, 3, 30, 40, seed=3)
+    assert torch.equal(ssim(list(x), list(y)), ssim(x, y))
+    assert torch.equal(ssim(list(x[:, 0]), list(y[:, 0])), ssim(x[:, :1], y[:, :1]))  # (H, W) items: one channel
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_overall_score_is_bitwise_the_mean_of_per_channel_scores(channels: int) -> None:
+    x, y = real_pairs(64, channels, 24, 33, seed=channels)
+    per_channel = ssim(x, y, per_channel=True)
+    assert torch.equal(ssim(x, y), per_channel.mean(-1))
+    for size in (1, 2, 7, 64):  # and the channel mean itself does not depend on how many rows it sees
+        assert torch.equal(per_channel[:size].mean(-1), per_channel.mean(-1)[:size])
+    assert torch.equal(ssim(x[0], y[0]), per_channel[0].mean(-1))  # 0-d for one unbatched pair
+
+
+def test_thread_count_does_not_change_bits() -> None:
+    """Ray workers may run with different thread counts; the bits must not notice."""
+    x, y = real_pairs(8, 3, 96, 80, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ssim(x, y, per_channel=True)
+        torch.set_num_threads(2)
+        two = ssim(x, y, per_channel=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_repeated_calls_give_the_same_bits() -> None:
+    x, y = real_pairs(8, 3, 50, 70, seed=9)
+    first = ssim(x, y, per_channel=True)
+    for _ in range(3):
+        assert torch.equal(ssim(x, y, per_channel=True), first)
+
+
+RUN_IN_FRESH_PROCESS = """
+import sys, torch
+from ssim_ray import ssim
+x, y = torch.load(sys.argv[1])
+print(ssim(x, y, per_channel=True).double().numpy().tobytes().hex())
+"""
+
+
+@pytest.mark.slow
+def test_fresh_process_gives_the_same_bits(tmp_path: Path) -> None:
+    """Run to run: another interpreter (another Ray worker) computes the same bits."""
+    x, y = real_pairs(6, 3, 61, 47, seed=21)
+    here = ssim(x, y, per_channel=True).double().numpy().tobytes().hex()
+    torch.save((x, y), tmp_path / "pairs.pt")
+    out = subprocess.run([sys.executable, "-c", RUN_IN_FRESH_PROCESS, str(tmp_path / "pairs.pt")],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == here
