@@ -191,6 +191,7 @@ class RuntimeConfig:
     decode_threads: int = 2
     max_shard_attempts: int = 3
     progress_interval_s: float = 10.0
+    stall_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.num_workers is not None:
@@ -200,6 +201,8 @@ class RuntimeConfig:
         _choice("runtime.device", self.device, DEVICES)
         _positive("runtime.decode_threads", self.decode_threads)
         _positive("runtime.max_shard_attempts", self.max_shard_attempts)
+        _positive("runtime.progress_interval_s", self.progress_interval_s)
+        _positive("runtime.stall_timeout_s", self.stall_timeout_s)
 
 
 @dataclass

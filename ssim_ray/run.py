@@ -104,7 +104,13 @@ def describe_error(exc: BaseException) -> str:
 
 
 class ShardDispatcher:
-    """Hands shards to actors as they free up; retries shards of dead actors; types hopeless shards."""
+    """Hands shards to actors as they free up; retries shards of dead actors; types hopeless shards.
+
+    Each actor has at most SHARDS_IN_FLIGHT_PER_ACTOR calls queued, so a fast actor takes more shards.
+    When an actor dies, its calls fail: the one that was running counts as an attempt of its shard, the
+    ones queued behind it do not. The actor is not given work again until a ping shows that Ray has
+    restarted it (an actor whose node is gone may never come back; the others take its share).
+    """
 
     def __init__(self, actors: list, plan: sources.Plan, cfg: AuditJobConfig, output_url: str) -> None:
         self.actors = actors
@@ -114,23 +120,34 @@ class ShardDispatcher:
         self.attempts: Dict[str, int] = {}
         self.last_error: Dict[str, str] = {}
         self.results: List[ShardResult] = []
-        self.failed_shards: List[str] = []
+        self.queue: Deque[sources.Shard] = deque()
+        self.inflight: Dict[ray.ObjectRef, Tuple[int, sources.Shard]] = {}
+        self.per_actor: Dict[int, Deque[ray.ObjectRef]] = {i: deque() for i in range(len(actors))}
+        self.pings: Dict[ray.ObjectRef, int] = {}
+        self.done_pairs = 0
+        self.failed_pairs = 0
 
-    def _submit(self, actor_index: int, shard: sources.Shard, inflight: dict, per_actor: Dict[int, Deque]) -> None:
-        ref = self.actors[actor_index].run_shard.remote(shard, self.plan.passthrough_columns)
-        inflight[ref] = (actor_index, shard)
-        per_actor[actor_index].append(ref)
+    def _healthy(self, index: int) -> bool:
+        return index not in self.pings.values()
 
-    def _on_failure(self, shard: sources.Shard, exc: Exception, counted: bool, queue: Deque) -> None:
+    def _fill(self) -> None:
+        for index, actor in enumerate(self.actors):
+            while self.queue and self._healthy(index) and len(self.per_actor[index]) < SHARDS_IN_FLIGHT_PER_ACTOR:
+                shard = self.queue.popleft()
+                ref = actor.run_shard.remote(shard, self.plan.passthrough_columns)
+                self.inflight[ref] = (index, shard)
+                self.per_actor[index].append(ref)
+
+    def _on_failure(self, shard: sources.Shard, exc: Exception, counted: bool) -> None:
         self.last_error[shard.shard_id] = describe_error(exc)
         if counted:
             self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
         if self.attempts.get(shard.shard_id, 0) >= self.cfg.runtime.max_shard_attempts:
-            self._commit_worker_failed(shard)
+            self._record(self._commit_worker_failed(shard))
         else:
-            queue.appendleft(shard)
+            self.queue.appendleft(shard)
 
-    def _commit_worker_failed(self, shard: sources.Shard) -> None:
+    def _commit_worker_failed(self, shard: sources.Shard) -> ShardResult:
         message = (
             f"shard {shard.shard_id} failed on {self.attempts[shard.shard_id]} attempts; "
             f"last error: {self.last_error[shard.shard_id]}"
@@ -149,39 +166,53 @@ class ShardDispatcher:
             stats=results.shard_stats(table, self.cfg.summary),
         )
         now = time.time()
-        self.failed_shards.append(shard.shard_id)
-        self.results.append(
-            ShardResult(shard.shard_id, len(rows), {WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")
-        )
+        return ShardResult(shard.shard_id, len(rows), {WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")
+
+    def _record(self, result: ShardResult) -> None:
+        self.results.append(result)
+        self.done_pairs += result.rows
+        self.failed_pairs += sum(n for status, n in result.status_counts.items() if status != "ok")
+
+    def _collect(self, ref: ray.ObjectRef) -> None:
+        if ref in self.pings:
+            index = self.pings.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                self.pings[self.actors[index].ping.remote()] = index  # still restarting: ask again
+            return
+        index, shard = self.inflight.pop(ref)
+        # Calls on one actor run in order: the oldest unfinished one is the one that was running.
+        was_running = self.per_actor[index][0] == ref
+        self.per_actor[index].remove(ref)
+        try:
+            self._record(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:  # the shard raised: a real attempt
+            self._on_failure(shard, exc, True)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            self._on_failure(shard, exc, was_running)
+            if self._healthy(index):
+                self.pings[self.actors[index].ping.remote()] = index
 
     def run(self, todo: List[sources.Shard], progress: Progress) -> None:
-        queue: Deque[sources.Shard] = deque(todo)
-        inflight: Dict[ray.ObjectRef, Tuple[int, sources.Shard]] = {}
-        per_actor: Dict[int, Deque] = {i: deque() for i in range(len(self.actors))}
-        done_pairs = failures = 0
-        while queue or inflight:
-            for index in range(len(self.actors)):
-                while queue and len(per_actor[index]) < SHARDS_IN_FLIGHT_PER_ACTOR:
-                    self._submit(index, queue.popleft(), inflight, per_actor)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.cfg.runtime.progress_interval_s)
+        self.queue.extend(todo)
+        last_progress = time.monotonic()
+        stall_limit = self.cfg.runtime.stall_timeout_s
+        while self.queue or self.inflight:
+            self._fill()
+            waiting = list(self.inflight) + list(self.pings)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=self.cfg.runtime.progress_interval_s)
+            finished_before = len(self.results)
             for ref in ready:
-                index, shard = inflight.pop(ref)
-                # Calls on one actor run in order: the oldest unfinished one is the one that was running.
-                was_running = per_actor[index][0] == ref
-                per_actor[index].remove(ref)
-                try:
-                    result: ShardResult = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    self._on_failure(shard, exc, True, queue)
-                    continue
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-                    self._on_failure(shard, exc, was_running, queue)
-                    continue
-                self.results.append(result)
-            finished = {r.shard_id: r for r in self.results}
-            done_pairs = sum(r.rows for r in finished.values())
-            failures = sum(n for r in finished.values() for s, n in r.status_counts.items() if s != "ok")
-            progress.update(done_pairs=done_pairs, failures=failures)
+                self._collect(ref)
+            if len(self.results) > finished_before:
+                last_progress = time.monotonic()
+            elif not self.inflight and time.monotonic() - last_progress > stall_limit:
+                raise RuntimeError(
+                    f"no actor could take a shard for {stall_limit:.0f} s ({len(self.queue)} shards left); "
+                    "committed shards are kept: rerun with the same output.url to resume"
+                )
+            progress.update(done_pairs=self.done_pairs, failures=self.failed_pairs)
 
 
 def _batch_sizes(shard_results: List[ShardResult]) -> Dict[str, dict]:
