@@ -46,7 +46,7 @@ class ManifestError(ValueError):
     """The manifest cannot be used: a missing column, a wrong type, a duplicate id. Raised before any work."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ManifestColumns:
     """Column names and kinds: `reference_kind`/`distorted_kind` are `path` (strings) or `bytes` (encoded)."""
 
@@ -58,7 +58,7 @@ class ManifestColumns:
     passthrough: Tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ManifestFile:
     """One Parquet file of a manifest, as planned from its footer."""
 
@@ -70,14 +70,14 @@ class ManifestFile:
     footer_sha256: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PrefixRows:
     """A prefix shard's pairs: (key, reference URL or None, distorted URL or None), in key order."""
 
     keys: Tuple[Tuple[str, Optional[str], Optional[str]], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ParquetRows:
     """Where a Parquet shard's rows are: rows [row_start, row_start + num_pairs) of one manifest file.
 
@@ -94,7 +94,7 @@ class ParquetRows:
     id_suffix: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Shard:
     """One unit of work, retry and output. Small and picklable; `shard_id` sorts in plan order."""
 
@@ -103,7 +103,7 @@ class Shard:
     rows: Union[ParquetRows, PrefixRows]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Plan:
     shards: Tuple[Shard, ...]
     fingerprint: str
@@ -241,7 +241,7 @@ def _make_plan(
     return Plan(shards=tuple(shards), fingerprint=fingerprint, total_pairs=total, passthrough_columns=tuple(passthrough))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class _Row:
     """One pair as listed: values as given (paths, URLs or bytes) and where to resolve them."""
 
