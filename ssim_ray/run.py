@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -48,11 +49,15 @@ class Placement:
 
 
 def connect_ray(address: Optional[str]) -> bool:
-    """Start a local Ray (address None) or join a cluster. Returns True if this call started Ray."""
+    """Join Ray as `runtime.address` says. Returns True if this call connected (and so must disconnect).
+
+    None: the cluster in RAY_ADDRESS when set (a job started by `ray job submit`), else a new local Ray,
+    never some other cluster that happens to run on this machine. `auto` or host:port: join that cluster.
+    """
     if ray.is_initialized():
         return False
-    if address is None:
-        ray.init(include_dashboard=False, configure_logging=False)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
     else:
         ray.init(address=address)
     return True
