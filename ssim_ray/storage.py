@@ -20,6 +20,8 @@ from fsspec.core import url_to_fs
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
+# Query parameters of presigned URLs and SAS tokens that are credentials (S3 X-Amz-*, GCS X-Goog-*, Azure sig).
+_SECRET_QUERY = re.compile(r"([?&](?:[^=&#]*(?:sig|signature|token|credential|secret|password|key)[^=&#]*|x-amz-[^=&#]*|x-goog-[^=&#]*)=)[^&#]*", re.IGNORECASE)
 _LOCAL_PROTOCOLS = ("file", "local")
 # errno values that mean "try again", as raised by local and network filesystems alike.
 _TRANSIENT_ERRNOS = frozenset(
@@ -41,7 +43,10 @@ def url_scheme(url: str) -> Optional[str]:
 
 
 def redact_url(url: str) -> str:
-    """`url` with any `user:password@` part replaced by `***@`, safe for messages, ids and fingerprints.
+    """`url` without credentials, safe for messages, ids, results and fingerprints.
+
+    A `user:password@` part becomes `***@`, and the values of query parameters that carry credentials
+    (presigned S3/GCS URLs, Azure SAS signatures, tokens, keys) become `***`.
 
     Args:
         url: a URL or path.
@@ -52,8 +57,10 @@ def redact_url(url: str) -> str:
     Example:
         >>> redact_url("https://user:secret@host/a.png")
         'https://***@host/a.png'
+        >>> redact_url("https://b.s3.amazonaws.com/a.png?X-Amz-Signature=abc&x=1")
+        'https://b.s3.amazonaws.com/a.png?X-Amz-Signature=***&x=1'
     """
-    return _USERINFO.sub(r"\1***@", url)
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def storage_options_for(url: str, storage_options: Mapping[str, Any]) -> Dict[str, Any]:

@@ -134,16 +134,19 @@ def test_credentials_never_appear_in_plans_pairs_or_errors(s3):
     fs, bucket, options = s3
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     table = pa.table({
-        "pair_id": ["ok", "userinfo"], "reference": ["images/camera.png", "images/camera.png"],
-        "distorted": ["images/camera_noisy.png", "https://user:hunter2-pass@127.0.0.1:1/x.png"],
+        "pair_id": ["ok", "userinfo", "presigned"], "reference": ["images/camera.png"] * 3,
+        "distorted": [
+            "images/camera_noisy.png", "https://user:hunter2-pass@127.0.0.1:1/x.png",
+            "https://127.0.0.1:1/x.png?X-Amz-Credential=AKIDhunter2&X-Amz-Signature=hunter2sig&v=1",
+        ],
     })
     _put_parquet(fs, f"{bucket}/set/pairs.parquet", table)
     cfg = SourceConfig(kind="parquet", url=f"s3://{bucket}/set/pairs.parquet", storage_options=options)
     plan, pairs = _load(cfg)
-    assert pairs[1].status == "path_escape"
+    assert pairs[1].status == pairs[2].status == "path_escape"
     produced = repr(plan) + pickle.dumps(plan).hex() + "".join(repr((p.pair_id, p.reference, p.distorted, p.error, p.passthrough)) for p in pairs)
     assert secret == "testing" and "hunter2" not in produced and secret not in produced
-    assert "***@127.0.0.1" in pairs[1].error
+    assert "***@127.0.0.1" in pairs[1].error and "X-Amz-Signature=***&v=1" in pairs[2].distorted
 
 
 class _FlakyMemory(MemoryFileSystem):
