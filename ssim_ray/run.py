@@ -32,9 +32,12 @@ SHARDS_IN_FLIGHT_PER_ACTOR = 2
 
 @dataclasses.dataclass
 class RunOutcome:
+    """The merged summary, the exit code (0 or a quality-gate code), and the failed attempts per shard."""
+
     summary: dict
     exit_code: int
     output_url: str
+    failed_attempts: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,19 +281,23 @@ def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
     )
     placement = None
     computed: List[ShardResult] = []
+    attempts: Dict[str, int] = {}
     if todo:
         started_ray = connect_ray(cfg.runtime.address)
         try:
             placement = plan_placement(cfg)
-            computed = _compute(cfg, plan, todo, output_url, placement, resumed_pairs)
+            dispatcher = _compute(cfg, plan, todo, output_url, placement, resumed_pairs)
+            computed, attempts = dispatcher.results, dispatcher.attempts
         finally:
             if started_ray:
                 ray.shutdown()
     info = _run_info(cfg, plan, computed, resumed, time.time() - started, placement)
-    return finish(cfg, output_url=output_url, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info)
+    outcome = finish(cfg, output_url=output_url, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info)
+    outcome.failed_attempts = attempts
+    return outcome
 
 
-def _compute(cfg, plan, todo, output_url, placement: Placement, resumed_pairs: int) -> List[ShardResult]:
+def _compute(cfg, plan, todo, output_url, placement: Placement, resumed_pairs: int) -> "ShardDispatcher":
     spec = _worker_spec(cfg, output_url, placement)
     actor_class = ray.remote(ShardWorker).options(max_restarts=-1, max_task_retries=0, **placement.actor_options)
     actors = [actor_class.remote(spec) for _ in range(min(placement.num_workers, len(todo)))]
@@ -308,7 +315,7 @@ def _compute(cfg, plan, todo, output_url, placement: Placement, resumed_pairs: i
         progress.close()
         for actor in actors:
             ray.kill(actor)
-    return dispatcher.results
+    return dispatcher
 
 
 def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], run_info) -> RunOutcome:

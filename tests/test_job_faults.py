@@ -1,0 +1,105 @@
+"""Faults: an actor SIGKILLed mid-shard, and a node removed from a multi-node cluster. The job completes and
+every pair is in the results exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from job_fixtures import job_config, make_job_dataset, read_results, read_summary
+from ssim_ray.run import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def _markers(out) -> int:
+    return len(list((out / "shards").glob("*.commit.json"))) if (out / "shards").exists() else 0
+
+
+def _when_committed(out, count: int, action, timeout: float = 120.0) -> threading.Thread:
+    """Run `action` in a thread once `count` shards are committed (the others are then mid-flight)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while _markers(out) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        action()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _running_shard_pids() -> list:
+    # Ray names an actor's process after the method it is executing.
+    found = subprocess.run(["pgrep", "-f", "ray::ShardWorker.run_shard"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_job_dataset(tmp_path / "data", photos=("camera", "astronaut", "coffee", "chelsea", "rocket"))
+
+
+@pytest.fixture
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _assert_exactly_once(out, dataset) -> dict:
+    ids = read_results(out).column("pair_id").to_pylist()
+    assert len(ids) == len(set(ids)) == dataset.total
+    summary = read_summary(out)
+    assert summary["complete"] is True
+    assert summary["status_counts"].get("worker_failed", 0) == 0
+    return summary
+
+
+def test_actor_sigkilled_mid_shard_is_retried_and_job_completes(cluster, dataset, tmp_path):
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_a_busy_actor() -> None:
+        for _ in range(500):
+            pids = _running_shard_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.01)
+
+    cfg = job_config(dataset.manifest, out, pairs_per_shard=12, address=cluster.address)
+    cfg.ssim.precision = "fp64"  # slower shards: the kill lands inside one
+    watcher = _when_committed(out, 1, kill_a_busy_actor)
+    outcome = evaluate(cfg, output_url=str(out))
+    watcher.join()
+    assert killed, "no actor was found running a shard to kill"
+    assert sum(outcome.failed_attempts.values()) >= 1  # the killed shard failed once, then succeeded
+    _assert_exactly_once(out, dataset)
+
+
+def test_node_removed_mid_run_and_job_completes_on_the_other(cluster, dataset, tmp_path):
+    first = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    out = tmp_path / "out"
+    cfg = job_config(dataset.manifest, out, pairs_per_shard=12, address=cluster.address)
+    cfg.ssim.precision = "fp64"
+    watcher = _when_committed(out, 1, lambda: cluster.remove_node(first))
+    outcome = evaluate(cfg, output_url=str(out))
+    watcher.join()
+    summary = _assert_exactly_once(out, dataset)
+    assert summary["shards"]["computed"] == summary["shards"]["total"]
+    assert sum(outcome.failed_attempts.values()) >= 1
