@@ -760,6 +760,7 @@ class ReportResult:
     worst_shown: int
     worst_with_images: int
     seconds: float
+    worst_seconds: float  # of `seconds`: re-reading, re-scoring and drawing the worst pairs
 
 
 def _read_json(fs: Any, path: str, *, what: str) -> Dict[str, Any]:
@@ -802,7 +803,9 @@ def make_report(
     summary = _read_json(fs, f"{root}/{SUMMARY_FILE}", what="summary.json")
     plots = summary_plots(summary)
     worst = summary.get("worst", [])[: report_cfg.worst_k]
+    worst_started = time.perf_counter()
     panels = _panels(fs, root, worst, source_cfg=source_cfg, ssim_cfg=ssim_cfg)
+    worst_seconds = time.perf_counter() - worst_started
     from ssim_ray.results import scrub_secrets
 
     page = render_html(summary, plots=plots, panels=panels, output_url=scrub_secrets(output_url))
@@ -816,7 +819,7 @@ def make_report(
     html_path = f"{root}/{REPORT_FILE}"
     write_bytes(fs, html_path, page.encode("utf-8"))
     return ReportResult(html_path, tuple(plot_paths), len(panels), sum(1 for p in panels if p.images),
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, worst_seconds)
 
 
 def _panels(fs: Any, root: str, worst: Sequence[Mapping[str, Any]], *, source_cfg: Optional[SourceConfig],

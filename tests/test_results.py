@@ -370,3 +370,15 @@ def test_s3_output_through_the_moto_server(s3_storage_options, s3_bucket, rows):
         assert pq.read_table(handle)["pair_id"].to_pylist() == [r["pair_id"] for r in rows]
     fs.invalidate_cache()
     assert json.loads(fs.cat_file(f"{s3_bucket}/run1/summary.json"))["ssim"] == summary["ssim"]
+
+
+def test_a_scan_keeps_commit_facts_not_statistics(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows)
+    commits = scan_shards(out).commits
+    assert all(commit.stats is None for commit in commits.values())
+    assert len({id(commit.arrow_schema) for commit in commits.values()}) == 1  # one schema object, shared
+    marker = tmp_path / "shards" / "shard-00001.commit.json"
+    broken = json.loads(marker.read_text()) | {"stats": "not statistics"}
+    marker.write_text(json.dumps(broken))
+    assert "stats must be an object" in scan_shards(out).rejected["shard-00001"]
