@@ -744,30 +744,6 @@ def _list_prefix(url: str, *, cfg: SourceConfig, option: str) -> Dict[str, Tuple
     return found
 
 
-def load_pairs(shard: Shard, source: SourceConfig, ssim: SSIMConfig, *, pair_ids: set) -> List[LoadedPair]:
-    """Fetch and decode only the pairs of `shard` whose id is in `pair_ids` (the report's worst pairs).
-
-    The shard's manifest rows are read (small), but only the wanted pairs are fetched and decoded, so
-    re-scoring the k worst pairs of a large run decodes k pairs.
-
-    Args:
-        shard: from `plan_shards` on the same source.
-        source: the source config the shard was planned with.
-        ssim: the metric config (color, alpha, data_range...).
-        pair_ids: the ids wanted from this shard.
-
-    Returns:
-        The wanted pairs found in the shard, in shard order (an id not in the shard is simply absent).
-
-    Example:
-        >>> plan = plan_shards(SourceConfig(kind="sample"))  # doctest: +SKIP
-        >>> load_pairs(plan.shards[0], SourceConfig(kind="sample"), SSIMConfig(), pair_ids={"x"})  # doctest: +SKIP
-        []
-    """
-    rows = _shard_rows(shard, source, batch_size=256)
-    return [_load_pair(row, source, ssim) for row in rows if row.pair_id in pair_ids]
-
-
 def iter_shard_rows(shard: Shard, source: SourceConfig) -> Iterator[Tuple[str, str, str, Dict[str, Any]]]:
     """(pair_id, reference, distorted, passthrough) of every pair of a shard, fetching no image.
 
