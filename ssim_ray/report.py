@@ -45,13 +45,24 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """Encode a Pillow image as PNG bytes."""
+    """Encode a Pillow image as PNG bytes.
+
+    Example:
+        >>> png_bytes(Image.new("L", (2, 2)))[:4]
+        b'\\x89PNG'
+    """
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
 
 
 def data_uri(png: bytes) -> str:
+    """A data: URI for PNG bytes, so the page embeds the image instead of loading it.
+
+    Example:
+        >>> data_uri(b"abc")
+        'data:image/png;base64,YWJj'
+    """
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -60,7 +71,12 @@ def data_uri(png: bytes) -> str:
 # ------------------------------------------------------------------------------------------------------
 
 def dense_histogram(sparse_counts: Sequence[Sequence[int]]) -> np.ndarray:
-    """The HIST_BINS counts from the summary's sparse [bin, count] pairs."""
+    """The HIST_BINS counts from the summary's sparse [bin, count] pairs.
+
+    Example:
+        >>> int(dense_histogram([[1999, 4]])[-1])
+        4
+    """
     counts = np.zeros(HIST_BINS, dtype=np.int64)
     for index, count in sparse_counts:
         counts[index] = count
@@ -68,7 +84,12 @@ def dense_histogram(sparse_counts: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def display_range(low: Optional[float], high: Optional[float]) -> Tuple[float, float]:
-    """A plotting range on [-1, 1] that holds [low, high], on 0.05 steps (so fine bins align)."""
+    """A plotting range on [-1, 1] that holds [low, high], on 0.05 steps (so fine bins align).
+
+    Example:
+        >>> display_range(0.612, 0.9991)
+        (0.6, 1.0)
+    """
     if low is None or high is None:
         return 0.0, 1.0
     lo = max(HIST_RANGE[0], math.floor(low * 20) / 20)
@@ -87,10 +108,21 @@ def rebin(counts: np.ndarray, *, lo: float, hi: float, bins: int = DISPLAY_BINS)
     Fine bins below `lo` are added to the first display bin and above `hi` to the last, so the display
     counts always add up to the total.
 
+    Args:
+        counts: the HIST_BINS fine counts.
+        lo: left end of the display range (a fine-bin edge, e.g. from `display_range`).
+        hi: right end.
+        bins: at most this many display bins.
+
     Returns:
         (edges, counts): display bin edges (len n+1) and counts (len n).
+
+    Example:
+        >>> edges, sums = rebin(dense_histogram([[1850, 2], [1999, 1]]), lo=0.8, hi=1.0, bins=2)
+        >>> sums.tolist()
+        [2, 1]
     """
-    first, last = _fine_index(lo), min(HIST_BINS, _fine_index(hi) + (1 if hi >= HIST_RANGE[1] else 0))
+    first, last = _fine_index(lo), _fine_index(hi)
     step = max(1, math.ceil((last - first) / bins))
     starts = np.arange(first, last, step)
     sums = np.add.reduceat(counts[first:last], starts - first) if last > first else np.zeros(0, np.int64)
@@ -103,7 +135,13 @@ def rebin(counts: np.ndarray, *, lo: float, hi: float, bins: int = DISPLAY_BINS)
 
 
 def cdf_points(counts: np.ndarray, *, lo: float, hi: float) -> Tuple[np.ndarray, np.ndarray]:
-    """The empirical CDF at the fine bin edges in [lo, hi]: fraction of scores below each edge."""
+    """The empirical CDF at the fine bin edges in [lo, hi]: fraction of scores below each edge.
+
+    Example:
+        >>> xs, ys = cdf_points(dense_histogram([[1990, 1], [1999, 1]]), lo=0.95, hi=1.0)
+        >>> float(ys[-1]), len(xs)
+        (1.0, 51)
+    """
     total = counts.sum()
     cumulative = np.concatenate([[0], np.cumsum(counts)]) / (total if total else 1)
     first, last = _fine_index(lo), _fine_index(hi)
@@ -223,7 +261,12 @@ def cdf_image(series: Sequence[Tuple[str, np.ndarray, np.ndarray]], *, title: st
 
 
 def empty_image(message: str, *, size: Tuple[int, int] = (640, 120)) -> Image.Image:
-    """A placeholder with a message (e.g. no ok pairs to plot)."""
+    """A placeholder with a message (e.g. no ok pairs to plot).
+
+    Example:
+        >>> empty_image("nothing").size
+        (640, 120)
+    """
     image = Image.new("RGB", size, (248, 248, 248))
     ImageDraw.Draw(image).text((size[0] / 2, size[1] / 2), message, fill=(90, 90, 90), font=_font(14),
                                anchor="mm")
@@ -245,7 +288,12 @@ def heatmap(values: np.ndarray) -> Image.Image:
 
 
 def colorbar(*, size: Tuple[int, int] = (240, 40)) -> Image.Image:
-    """The heatmap's legend from SSIM 0 (and below) to 1."""
+    """The heatmap's legend from SSIM 0 (and below) to 1.
+
+    Example:
+        >>> colorbar().size
+        (240, 40)
+    """
     image = Image.new("RGB", size, "white")
     strip = heatmap(np.linspace(0.0, 1.0, size[0] - 20)[None, :].repeat(14, axis=0))
     image.paste(strip, (10, 4))
@@ -271,7 +319,12 @@ class Plot:
 
 
 def plotted_groups(summary: Mapping[str, Any]) -> List[str]:
-    """The groups that get their own plots: the MAX_GROUP_PLOTS with most ok pairs (ties by name)."""
+    """The groups that get their own plots: the MAX_GROUP_PLOTS with most ok pairs (ties by name).
+
+    Example:
+        >>> plotted_groups({"groups": {"a": {"ssim": {"count": 1}}, "b": {"ssim": {"count": 3}}}})
+        ['b', 'a']
+    """
     groups = summary.get("groups") or {}
     ranked = sorted(groups, key=lambda g: (-groups[g]["ssim"]["count"], g))
     return [g for g in ranked if groups[g]["ssim"]["count"]][:MAX_GROUP_PLOTS]
@@ -368,6 +421,18 @@ def worst_panels(worst: Sequence[Mapping[str, Any]], *, source_cfg: SourceConfig
 
     A pair that cannot be re-read (the source changed, a file is gone) gets a note saying why instead of
     images; the note is shown in the report and printed to stderr.
+
+    Args:
+        worst: the summary's `worst` entries to show (pair_id, ssim, reference, distorted, group, shard_id).
+        source_cfg: the run's source config (the shards are planned again from it).
+        ssim_cfg: the run's metric config (the maps use the same settings and precision).
+
+    Returns:
+        One WorstPanel per entry, in order.
+
+    Example:
+        >>> worst_panels([], source_cfg=SourceConfig(), ssim_cfg=SSIMConfig())
+        []
     """
     from ssim_ray.sources import load_pairs, plan_shards
 
@@ -458,6 +523,20 @@ def pair_images(reference: np.ndarray, distorted: np.ndarray, values: np.ndarray
 
     `values` is the valid-region map ((H - 2·border) × (W - 2·border), or the same on the downsampled grid);
     it is framed by a gray border and scaled to the image's size, so pixels line up.
+
+    Args:
+        reference: 8-bit display pixels, (H, W) or (H, W, 3).
+        distorted: the same for the distorted image.
+        values: the SSIM map (mean over channels).
+        border: win_size // 2, the margin the window cannot see.
+
+    Returns:
+        PNG bytes by name: reference, distorted, map, zoom_reference, zoom_distorted, zoom_map.
+
+    Example:
+        >>> gray = np.zeros((32, 32), np.uint8)
+        >>> sorted(pair_images(gray, gray, np.ones((22, 22)), border=5))[:2]
+        ['distorted', 'map']
     """
     height, width = reference.shape[:2]
     canvas = Image.new("RGB", (values.shape[1] + 2 * border, values.shape[0] + 2 * border), (128, 128, 128))

@@ -234,8 +234,15 @@ def rows_to_table(
 def validate_result_table(table: pa.Table, *, shard_id: str) -> None:
     """Check that `table` is a shard's results: RESULT_SCHEMA first, this shard's id, scores only when ok.
 
+    Args:
+        table: the rows to check.
+        shard_id: the shard they must belong to.
+
     Raises:
         ValueError: naming the column or row and what was expected and got.
+
+    Example:
+        >>> validate_result_table(rows_to_table([], []), shard_id="s0")
     """
     head = pa.schema([table.schema.field(i) for i in range(min(table.num_columns, len(RESULT_COLUMNS)))])
     if not head.equals(RESULT_SCHEMA):
@@ -701,6 +708,7 @@ class RunInfo:
     num_workers: Optional[int] = None
 
     def pairs_per_second(self) -> Optional[float]:
+        """Pairs computed by this run per second of processing; None when nothing was computed."""
         if not self.processing_seconds or not self.pairs_computed:
             return None
         return self.pairs_computed / self.processing_seconds

@@ -78,14 +78,24 @@ def moments_of(values: np.ndarray) -> Moments:
 
 
 def histogram_counts(values: np.ndarray) -> np.ndarray:
-    """Counts of `values` in the fixed bins on [-1, 1]; bin i is [-1 + i*w, -1 + (i+1)*w), 1.0 in the last."""
+    """Counts of `values` in the fixed bins on [-1, 1]; bin i is [-1 + i*w, -1 + (i+1)*w), 1.0 in the last.
+
+    Example:
+        >>> int(histogram_counts(np.array([1.0, 0.99999]))[-1])
+        2
+    """
     lo, hi = HIST_RANGE
     index = np.floor((values - lo) / (hi - lo) * HIST_BINS).astype(np.int64)
     return np.bincount(np.clip(index, 0, HIST_BINS - 1), minlength=HIST_BINS).astype(np.int64)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Combine two Moments as if computed over the union of their scores (Chan et al. 1979)."""
+    """Combine two Moments as if computed over the union of their scores (Chan et al. 1979).
+
+    Example:
+        >>> merge_moments(moments_of(np.array([0.0])), moments_of(np.array([1.0]))).std
+        0.5
+    """
     if b.count == 0:
         return Moments(a.count, a.mean, a.m2, a.min, a.max, a.hist.copy())
     if a.count == 0:
@@ -120,7 +130,12 @@ class GroupStats:
 
 
 def merge_group_stats(a: GroupStats, b: GroupStats) -> GroupStats:
-    """Sum of two GroupStats."""
+    """Sum of two GroupStats.
+
+    Example:
+        >>> merge_group_stats(GroupStats({"ok": 1}), GroupStats({"ok": 2, "missing": 1})).status_counts
+        {'missing': 1, 'ok': 3}
+    """
     counts = dict(a.status_counts)
     for status, n in b.status_counts.items():
         counts[status] = counts.get(status, 0) + n
@@ -231,6 +246,10 @@ def group_keys(table: pa.Table, group_by: str) -> pa.Array:
 
     Raises:
         ValueError: `group_by` is not a column of `table`, or its type has no string form.
+
+    Example:
+        >>> group_keys(pa.table({"q": [90, None]}), "q").to_pylist()
+        ['90', '(null)']
     """
     if group_by not in table.column_names:
         raise ValueError(f"summary.group_by must name a result column, one of {table.column_names}, got {group_by!r}")
