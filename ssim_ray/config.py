@@ -257,8 +257,14 @@ class AuditConfig:
 
 @dataclass
 class ReportConfig:
+    """report.html and plots/ beside the results. worst_k: worst pairs shown with their SSIM maps (at most
+    summary.worst_k, the number the summary keeps)."""
+
     enabled: bool = True
     worst_k: int = 12
+
+    def __post_init__(self) -> None:
+        _positive("report.worst_k", self.worst_k, allow_zero=True)
 
 
 @dataclass
