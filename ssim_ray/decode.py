@@ -103,7 +103,18 @@ def decode_image(data: bytes, *, name: str, color: str, alpha: str, max_pixels: 
 
 
 def read_size(data: bytes, *, name: str, max_pixels: int) -> Tuple[int, int]:
-    """(height, width) from the header alone; the same errors as `decode_image` for bad headers.
+    """(height, width) from the header alone, without decoding any pixel.
+
+    Args:
+        data: the encoded file.
+        name: what to call the file in messages.
+        max_pixels: the pixel cap, as in `decode_image`.
+
+    Returns:
+        (height, width).
+
+    Raises:
+        DecodeError: `unreadable` for a bad header, `too_large` over the cap.
 
     Example:
         >>> buf = io.BytesIO(); Image.new("L", (16, 12)).save(buf, "PNG")
@@ -311,5 +322,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def describe_bytes(data: Optional[bytes]) -> str:
-    """A short stand-in for encoded bytes in results and messages: '<bytes:1234>'."""
+    """A short stand-in for encoded bytes in results and messages.
+
+    Args:
+        data: encoded bytes, or None for a null manifest value.
+
+    Returns:
+        '<bytes:N>' or '<bytes:null>'.
+
+    Example:
+        >>> describe_bytes(b"abc"), describe_bytes(None)
+        ('<bytes:3>', '<bytes:null>')
+    """
     return "<bytes:null>" if data is None else f"<bytes:{len(data)}>"

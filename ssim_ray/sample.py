@@ -47,7 +47,15 @@ _PNG_LEVEL = 1
 
 
 def default_cache_dir() -> str:
-    """~/.cache/ssim_ray/sample (or under $XDG_CACHE_HOME)."""
+    """Where sample sets are cached by default: ~/.cache/ssim_ray/sample, or under $XDG_CACHE_HOME.
+
+    Returns:
+        The folder (not created here).
+
+    Example:
+        >>> default_cache_dir().endswith(os.path.join("ssim_ray", "sample"))
+        True
+    """
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "ssim_ray", "sample")
 

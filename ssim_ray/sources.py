@@ -173,7 +173,7 @@ def _plan_sample(cfg: SourceConfig) -> Plan:
 
 
 def _plan_parquet(cfg: SourceConfig, *, url: str, sample: bool, identity: Optional[str] = None) -> Plan:
-    files, columns = list_manifest(cfg, url=url)
+    files, columns = _list_manifest(cfg, url=url)
     suffixes = [""] + [f"#copy{k}" for k in range(1, cfg.copies)] if sample else [""]
     shards: List[Shard] = []
     for suffix in suffixes:
@@ -209,7 +209,7 @@ def _file_shards(
 
 
 def _plan_prefix(cfg: SourceConfig) -> Plan:
-    shard_rows, listing_sha256 = plan_prefix_rows(cfg)
+    shard_rows, listing_sha256 = _plan_prefix_rows(cfg)
     shards = []
     for index, rows in enumerate(shard_rows):
         identity = f"{rows.keys[0][0]}|{rows.keys[-1][0]}|{len(rows.keys)}"
@@ -454,21 +454,12 @@ def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(chw if chw.flags.writeable else chw.copy())
 
 
-def list_manifest(cfg: SourceConfig, *, url: str) -> Tuple[List[ManifestFile], ManifestColumns]:
+def _list_manifest(cfg: SourceConfig, *, url: str) -> Tuple[List[ManifestFile], ManifestColumns]:
     """The manifest's files (sorted) planned from their footers, the columns used, ids checked unique.
 
-    Args:
-        cfg: the source (column names, base_url, storage options).
-        url: one Parquet file, a folder of them (`_`/`.`-prefixed files skipped, as Spark writes them), or a glob.
-
-    Returns:
-        The files and the validated columns.
-
-    Raises:
-        ManifestError: no file, a missing column, a wrong type, files that disagree, a duplicate or null id.
-
-    Example:
-        >>> files, columns = list_manifest(SourceConfig(kind="parquet", url="x"), url="/data/pairs.parquet")  # doctest: +SKIP
+    `url` is one Parquet file, a folder of them (`_`/`.`-prefixed files skipped, as Spark writes them), or
+    a glob. Raises ManifestError for no file, a missing column, a wrong type, files that disagree, or a
+    duplicate or null id.
     """
     fs, root = open_url(url, storage_options=cfg.storage_options)
     paths = _manifest_paths(fs, root, url=url)
@@ -686,6 +677,23 @@ def read_manifest_rows(
 
     Only the row groups given are read; rows before `skip` within them are decoded and dropped (Parquet
     has no cheaper way to start mid-group), so row groups much larger than a shard cost some reading.
+
+    Args:
+        file_url: the manifest file.
+        source: for its storage options.
+        columns: the columns to read (id, reference, distorted, pass-through).
+        row_groups: the row groups that hold the rows, from the shard.
+        skip: rows to drop at the start of the first row group.
+        limit: rows to return.
+        batch_size: rows per Arrow batch (bounds the memory of encoded bytes columns).
+
+    Returns:
+        An iterator of {column: value} dicts.
+
+    Example:
+        >>> shard = plan_shards(cfg).shards[-1]; rows = shard.rows  # doctest: +SKIP
+        >>> list(read_manifest_rows(rows.file_url, source=cfg, columns=rows.columns, row_groups=rows.row_groups,
+        ...      skip=rows.row_start - rows.first_group_row, limit=shard.num_pairs, batch_size=64))  # doctest: +SKIP
     """
     fs, path = open_url(file_url, storage_options=source.storage_options)
     names = [name for name in (columns.pair_id, columns.reference, columns.distorted, *columns.passthrough) if name]
@@ -702,7 +710,7 @@ def read_manifest_rows(
                 return
 
 
-def plan_prefix_rows(cfg: SourceConfig) -> Tuple[List[PrefixRows], str]:
+def _plan_prefix_rows(cfg: SourceConfig) -> Tuple[List[PrefixRows], str]:
     """Pairs of a prefix source from two sorted listings, chunked into shards; and the listing's digest.
 
     Keys are paths relative to each prefix (without the extension when `cfg.ignore_extension`); a key on

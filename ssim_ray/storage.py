@@ -37,7 +37,12 @@ class PathEscapeError(ValueError):
 
 
 def url_scheme(url: str) -> Optional[str]:
-    """The scheme of `url` ("s3" for "s3://b/k"), or None for a plain path."""
+    """The scheme of `url`, lower-cased, or None for a plain path.
+
+    Example:
+        >>> url_scheme("S3://bucket/key.png"), url_scheme("/data/key.png")
+        ('s3', None)
+    """
     match = _SCHEME.match(url)
     return match.group(1).lower() if match else None
 
@@ -68,6 +73,17 @@ def storage_options_for(url: str, storage_options: Mapping[str, Any]) -> Dict[st
 
     Local paths get none because options such as `client_kwargs` are meant for the object store and a
     manifest on disk may point at objects in a bucket (or the other way round).
+
+    Args:
+        url: the URL about to be opened.
+        storage_options: the configured options.
+
+    Returns:
+        A new dict to pass to fsspec.
+
+    Example:
+        >>> storage_options_for("/data/a.png", {"anon": True}), storage_options_for("s3://b/a.png", {"anon": True})
+        ({}, {'anon': True})
     """
     scheme = url_scheme(url) or "file"
     return {} if scheme in _LOCAL_PROTOCOLS else dict(storage_options)
