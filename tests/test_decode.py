@@ -38,10 +38,22 @@ def _photo16(channels: int) -> np.ndarray:
     return wide.astype(np.uint16)
 
 
-def _png16(pixels: np.ndarray) -> bytes:
+# Adam7 passes: (first row, first column, row step, column step).
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+
+
+def _png16(pixels: np.ndarray, *, interlaced: bool = False) -> bytes:
     """A 16-bit PNG written by hand (Pillow cannot write 16-bit color), rows cycling through all five filters."""
     height, width, channels = pixels.shape
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    passes = [pixels[r::dr, c::dc] for r, c, dr, dc in _ADAM7] if interlaced else [pixels]
+    stream = b"".join(_filtered_rows(image) for image in passes if image.size)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 1 if interlaced else 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(stream)) + _chunk(b"IEND", b"")
+
+
+def _filtered_rows(pixels: np.ndarray) -> bytes:
+    height, width, channels = pixels.shape
     raw = pixels.astype(">u2").reshape(height, width * channels).view(np.uint8).reshape(height, -1).astype(np.int32)
     bpp = 2 * channels
     rows, previous = [], np.zeros(raw.shape[1], np.int32)
@@ -52,8 +64,7 @@ def _png16(pixels: np.ndarray) -> bytes:
         predictor = [0, left, previous, (left + previous) // 2, _paeth(left, previous, upper_left)][kind]
         rows.append(bytes([kind]) + ((row - predictor) % 256).astype(np.uint8).tobytes())
         previous = row
-    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b"")
+    return b"".join(rows)
 
 
 def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -102,6 +113,14 @@ def test_16bit_color_png_keeps_all_16_bits_through_every_filter(channels):
     decoded = _decode(_png16(pixels))
     assert decoded.bit_depth == 16 and decoded.pixels.dtype == np.uint16
     np.testing.assert_array_equal(decoded.pixels, pixels[:, :, :3])
+
+
+def test_16bit_interlaced_png_keeps_all_16_bits():
+    pixels = _photo16(3)
+    assert Image.open(io.BytesIO(_png16(pixels, interlaced=True))).info.get("interlace") == 1
+    np.testing.assert_array_equal(_decode(_png16(pixels, interlaced=True)).pixels, pixels)
+    gray = _photo16(1)
+    np.testing.assert_array_equal(_decode(_png16(gray, interlaced=True)).pixels, gray)
 
 
 def test_16bit_gray_alpha_png_keeps_all_16_bits():
