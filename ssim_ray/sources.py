@@ -232,9 +232,11 @@ def _make_plan(
     columns: Optional[ManifestColumns],
 ) -> Plan:
     doc = dict(identity_doc)
+    # max_pixels and allowed_schemes decide statuses (too_large, path_escape): a resumed run must agree on them.
     doc.update(
         kind=cfg.kind, pairs_per_shard=cfg.pairs_per_shard, passthrough=list(passthrough),
-        columns=None if columns is None else dataclasses.asdict(columns),
+        columns=None if columns is None else dataclasses.asdict(columns), max_pixels=cfg.max_pixels,
+        allowed_schemes=sorted(cfg.allowed_schemes),
     )
     fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     total = sum(shard.num_pairs for shard in shards)

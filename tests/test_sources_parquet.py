@@ -124,6 +124,8 @@ def test_fingerprint_follows_content_and_pairs_per_shard_not_credentials(photo_s
     assert plan_shards(SourceConfig(kind="parquet", url=str(root / "pairs.parquet"), pairs_per_shard=3)).fingerprint != fingerprint
     with_options = SourceConfig(kind="parquet", url=str(root / "pairs.parquet"), pairs_per_shard=2, storage_options={"anon": True})
     assert plan_shards(with_options).fingerprint == fingerprint
+    smaller_cap = SourceConfig(kind="parquet", url=str(root / "pairs.parquet"), pairs_per_shard=2, max_pixels=1000)
+    assert plan_shards(smaller_cap).fingerprint != fingerprint  # it changes statuses, so resume must notice
     _write_manifest(root / "pairs.parquet", rows[:2] + [("astronaut", rows[2][1], "images/other.jpg", "jpeg")])
     assert plan_shards(base).fingerprint != fingerprint
 
