@@ -779,6 +779,7 @@ def _stream_parts(fs: Any, root: str, commits: Sequence[ShardCommit], summary_cf
     if _is_local(fs):
         fs.makedirs(root, exist_ok=True)
     pending: List[pa.Table] = []
+    pending_rows = 0
     target = f"{root}/{MERGED_FILE}"
     try:
         with fs.open(target, "wb") as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
@@ -789,9 +790,10 @@ def _stream_parts(fs: Any, root: str, commits: Sequence[ShardCommit], summary_cf
                 merged = merge_stats(merged, shard_stats(table, summary_cfg))
                 collector.add(table)
                 pending.append(table)
-                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                pending_rows += table.num_rows
+                if pending_rows >= ROW_GROUP_ROWS:
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
-                    pending = []
+                    pending, pending_rows = [], 0
             if pending:
                 writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
     except BaseException:
