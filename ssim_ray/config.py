@@ -84,7 +84,6 @@ class SourceConfig:
     storage_options: Dict[str, Any] = field(default_factory=dict)
     allowed_schemes: List[str] = field(default_factory=lambda: ["file", "s3", "gs", "gcs", "az", "abfs"])
     max_pixels: int = 100_000_000
-    fetch_threads: int = 8
     fetch_retries: int = 4
     copies: int = 1
     cache_dir: Optional[str] = None
@@ -93,7 +92,6 @@ class SourceConfig:
         _choice("source.kind", self.kind, SOURCE_KINDS)
         _positive("source.pairs_per_shard", self.pairs_per_shard)
         _positive("source.max_pixels", self.max_pixels)
-        _positive("source.fetch_threads", self.fetch_threads)
         _positive("source.fetch_retries", self.fetch_retries, allow_zero=True)
         _positive("source.copies", self.copies)
         reject_credentials("source.storage_options", self.storage_options)

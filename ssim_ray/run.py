@@ -262,10 +262,20 @@ def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Option
     )
 
 
+def _check_passthrough(plan: sources.Plan) -> None:
+    clashes = sorted(set(plan.passthrough_columns) & set(results.RESULT_COLUMNS))
+    if clashes:
+        raise sources.ManifestError(
+            f"manifest columns {clashes} would be copied to the results, but the results have columns of those "
+            f"names; list the columns to keep in source.passthrough_columns (without {clashes}) or rename them"
+        )
+
+
 def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
     """Run the whole audit and return its summary and exit code (0, or a quality-gate code)."""
     started = time.time()
     plan = sources.plan_shards(cfg.source)
+    _check_passthrough(plan)
     manifest = results.run_manifest(plan=plan, cfg=cfg)
     results.check_resume_compatible(
         output_url, manifest, mode=cfg.output.mode, storage_options=dict(cfg.output.storage_options)
