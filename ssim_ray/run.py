@@ -38,6 +38,7 @@ class RunOutcome:
     exit_code: int
     output_url: str
     failed_attempts: Dict[str, int] = dataclasses.field(default_factory=dict)
+    actor_peak_rss_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +140,14 @@ class ShardDispatcher:
         return index not in self.pings.values()
 
     def _fill(self) -> None:
-        for index, actor in enumerate(self.actors):
-            while self.queue and self._healthy(index) and len(self.per_actor[index]) < SHARDS_IN_FLIGHT_PER_ACTOR:
-                shard = self.queue.popleft()
-                ref = actor.run_shard.remote(shard, self.plan.passthrough_columns)
-                self.inflight[ref] = (index, shard)
-                self.per_actor[index].append(ref)
+        # Level by level, so that every idle actor gets a shard before any gets a second one.
+        for level in range(1, SHARDS_IN_FLIGHT_PER_ACTOR + 1):
+            for index, actor in enumerate(self.actors):
+                if self.queue and self._healthy(index) and len(self.per_actor[index]) < level:
+                    shard = self.queue.popleft()
+                    ref = actor.run_shard.remote(shard, self.plan.passthrough_columns)
+                    self.inflight[ref] = (index, shard)
+                    self.per_actor[index].append(ref)
 
     def _on_failure(self, shard: sources.Shard, exc: Exception, counted: bool) -> None:
         self.last_error[shard.shard_id] = describe_error(exc)
@@ -221,6 +224,14 @@ class ShardDispatcher:
                     "committed shards are kept: rerun with the same output.url to resume"
                 )
             progress.update(done_pairs=self.done_pairs, failures=self.failed_pairs)
+
+
+def _peak_rss(shard_results: List[ShardResult]) -> Dict[str, int]:
+    peaks: Dict[str, int] = {}
+    for result in shard_results:
+        if result.worker != "driver":
+            peaks[result.worker] = max(peaks.get(result.worker, 0), result.peak_rss_bytes)
+    return peaks
 
 
 def _batch_sizes(shard_results: List[ShardResult]) -> Dict[str, dict]:
@@ -304,6 +315,7 @@ def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
     info = _run_info(cfg, plan, computed, resumed, time.time() - started, placement)
     outcome = finish(cfg, output_url=output_url, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info)
     outcome.failed_attempts = attempts
+    outcome.actor_peak_rss_bytes = _peak_rss(computed)
     return outcome
 
 

@@ -55,6 +55,7 @@ class ShardResult:
     batch_sizes: Dict[str, dict]
     worker: str
     device: str
+    peak_rss_bytes: int = 0
 
 
 def _result_row(pair: sources.LoadedPair, shard_id: str) -> dict:
@@ -205,7 +206,20 @@ class ShardComputer:
             batch_sizes=self.sizer.summary(),
             worker=f"{socket.gethostname()}:{os.getpid()}",
             device=str(self.device),
+            peak_rss_bytes=peak_rss_bytes(),
         )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), or 0 where /proc is not available."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def configure_process(spec: WorkerSpec) -> None:
