@@ -13,9 +13,11 @@ Design (see also docs/BENCHMARKS.md, section "GPU"):
   the last 11 blurred rows in registers as a sliding window; each new row completes one output row, blurred
   vertically from that window. Nothing but the pixels is read from memory and nothing but one partial sum
   per tile is written, so each input pixel crosses DRAM about once (tile halos re-read from L2).
-- Pixels are scaled and centred, `x / L - 0.5`, before the moments are formed: E[x^2] - mu^2 then cancels
-  far fewer fp32 bits than on [0, 1] or [0, 255]. Moments and the SSIM formula run in fp32 (no dot products,
-  so TF32 has no say); the map is summed per column in fp64.
+- Pixels are scaled by 1/L and centred before the moments are formed, each tile column on one of its own
+  pixels (`x / L - c_j`): E[x^2] - mu^2 then cancels few fp32 bits in smooth regions, where it matters.
+  Centring on a global 0.5 left errors up to 2e-6 against float64 on real photos; this leaves ~1e-7.
+  Moments and the SSIM formula run in fp32 (no dot products, so TF32 has no say); the map is summed per
+  column in fp64.
 - Deterministic, batch-invariant reduction without float atomics: each program writes its tile's fp64 sum
   to a fixed slot `(image, channel, tile)`, and a second kernel adds an image's slots in a fixed order
   (tile rows, then tile columns) and divides by the size of the valid map. Nothing in either kernel depends
@@ -70,19 +72,25 @@ DEFAULT_TILES = TileConfig()
 DataRange = Union[float, torch.Tensor]
 
 
-def _jit(fn):
+def _jit(fn=None, *, do_not_specialize=()):
     """`triton.jit` where triton is installed; without it the kernels are never launched."""
-    return triton.jit(fn) if triton is not None else fn
+    if fn is None:
+        return functools.partial(_jit, do_not_specialize=do_not_specialize)
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if triton is not None else fn
+
+
+# Sizes and counts are not specialised on (divisibility by 16, equality to 1): the loads use constant
+# offsets from a row pointer either way, and each specialisation would cost a compilation.
+_SIZES = ("height", "width", "stride_n", "win", "n_strips", "n_tiles")
 
 
 @_jit
-def _hstep(hx, hy, hs, hp, xp, yp, k, inv_range, w):
-    """Add horizontal tap k of the four moments."""
+def _hstep(hx, hy, hs, hp, xp, yp, k, inv_range, cx, cy, w):
+    """Add horizontal tap k of the four moments of pixels scaled by 1/L and centred on (cx, cy)."""
     # Pointer plus a constant offset, so each tap's load needs no address arithmetic of its own; no mask,
     # because the caller clamps columns and rows into the image.
-    # Centring on 0.5 L keeps |x'| <= 0.5, so the squares that the variances subtract are small.
-    xv = tl.load(xp + k).to(tl.float32) * inv_range - 0.5
-    yv = tl.load(yp + k).to(tl.float32) * inv_range - 0.5
+    xv = tl.load(xp + k).to(tl.float32) * inv_range - cx
+    yv = tl.load(yp + k).to(tl.float32) * inv_range - cy
     hx += w * xv
     hy += w * yv
     hs += w * (xv * xv + yv * yv)
@@ -91,7 +99,9 @@ def _hstep(hx, hy, hs, hp, xp, yp, k, inv_range, w):
 
 
 @_jit
-def _hrow(x_img, y_img, row, height, width, cols, inv_range, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10):
+def _hrow(
+    x_img, y_img, row, height, width, cols, inv_range, cx, cy, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+):
     """Horizontal blur of the four moments of one input row, packed as (BLOCK_W, 2, 2).
 
     `cols` are output columns clamped to the last valid one, so every tap reads inside the row.
@@ -105,31 +115,31 @@ def _hrow(x_img, y_img, row, height, width, cols, inv_range, w0, w1, w2, w3, w4,
     hy = tl.zeros(cols.shape, dtype=tl.float32)
     hs = tl.zeros(cols.shape, dtype=tl.float32)
     hp = tl.zeros(cols.shape, dtype=tl.float32)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 0, inv_range, w0)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 1, inv_range, w1)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 2, inv_range, w2)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 3, inv_range, w3)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 4, inv_range, w4)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 5, inv_range, w5)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 6, inv_range, w6)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 7, inv_range, w7)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 8, inv_range, w8)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 9, inv_range, w9)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 10, inv_range, w10)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 0, inv_range, cx, cy, w0)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 1, inv_range, cx, cy, w1)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 2, inv_range, cx, cy, w2)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 3, inv_range, cx, cy, w3)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 4, inv_range, cx, cy, w4)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 5, inv_range, cx, cy, w5)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 6, inv_range, cx, cy, w6)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 7, inv_range, cx, cy, w7)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 8, inv_range, cx, cy, w8)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 9, inv_range, cx, cy, w9)
+    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 10, inv_range, cx, cy, w10)
     return tl.join(tl.join(hx, hy), tl.join(hs, hp))
 
 
 @_jit
-def _ssim_row(v, c1, c2):
-    """SSIM of one output row from its blurred centred moments (packed as in `_hrow`)."""
+def _ssim_row(v, cx, cy, c1, c2):
+    """SSIM of one output row from its blurred moments, centred on (cx, cy) and packed as in `_hrow`."""
     first, second = tl.split(v)
     mx, my = tl.split(first)
     sum_sq, cross = tl.split(second)
     var_sum = sum_sq - mx * mx - my * my
     cov = cross - mx * my
     # Undo the centring for the luminance term, which (unlike the variances) is not shift-invariant.
-    mx += 0.5
-    my += 0.5
+    mx += cx
+    my += cy
     num = (2.0 * mx * my + c1) * (2.0 * cov + c2)
     den = (mx * mx + my * my + c1) * (var_sum + c2)
     return num / den
@@ -152,21 +162,23 @@ def _image_geometry(x_ptr, y_ptr, table_ptr, shape_ptr, n, height, width, stride
 @_jit
 def _emit(
     acc, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, row, row_ok,
-    x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+    x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
 ):
     """One output row: blur input `row` horizontally, finish the vertical blur over a0..a9 and it, and add
     the row's SSIM to the per-column sums `acc` (unless `row_ok` is false). Returns (acc, the new row)."""
-    new = _hrow(x_img, y_img, row, height, width, cols, inv_range, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10)
+    new = _hrow(
+        x_img, y_img, row, height, width, cols, inv_range, cx, cy, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+    )
     v = (w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3 + w4 * a4 + w5 * a5
          + w6 * a6 + w7 * a7 + w8 * a8 + w9 * a9 + w10 * new)
-    s = _ssim_row(v, c1, c2)
+    s = _ssim_row(v, cx, cy, c1, c2)
     acc += tl.where(col_ok & row_ok, s, 0.0).to(tl.float64)
     return acc, new
 
 
 @_jit
-def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, inv_range, taps_ptr, c1, c2,
+def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_range, taps_ptr, c1, c2,
               BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
     """fp64 sum of the SSIM map over one tile: ROWS output rows from row0, BLOCK_W columns from col0."""
     cols = col0 + tl.arange(0, BLOCK_W)
@@ -174,6 +186,13 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, inv_range, 
     # Lanes past the valid map repeat its last column (and are left out of the sum), so that no load
     # needs a mask: column j reads j .. j + win - 1, inside the image for every valid j.
     cols = tl.minimum(cols, out_w - 1)
+    # Each column's pixels are centred on one of them (at the centre of the tile's first window in that
+    # column): E[x^2] - mu^2 then cancels few fp32 bits where it matters, in smooth regions. Any constant
+    # shared by a window is exact in real arithmetic (variances and covariance are shift-invariant and the
+    # means get it back); a global 0.5 L left 2e-6 on a contrast-changed photo, this ~1e-7.
+    centre = (row0 + half) * width + cols + half
+    cx = tl.load(x_img + centre).to(tl.float32) * inv_range
+    cy = tl.load(y_img + centre).to(tl.float32) * inv_range
     w0 = tl.load(taps_ptr + 0)
     w1 = tl.load(taps_ptr + 1)
     w2 = tl.load(taps_ptr + 2)
@@ -200,7 +219,9 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, inv_range, 
     h9 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
     # A loop, not ten inlined rows: straight-line code lets the compiler hoist every load (255 registers).
     for i in range(10):
-        h10 = _hrow(x_img, y_img, row0 + i, height, width, cols, inv_range, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10)
+        h10 = _hrow(
+            x_img, y_img, row0 + i, height, width, cols, inv_range, cx, cy, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+        )
         h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = h1, h2, h3, h4, h5, h6, h7, h8, h9, h10
     acc = tl.zeros([BLOCK_W], dtype=tl.float64)
     n_rows = tl.minimum(ROWS, out_h - row0)
@@ -211,63 +232,63 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, inv_range, 
         first = row0 + i + 10
         acc, h10 = _emit(
             acc, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, first + 0, i + 0 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h0 = _emit(
             acc, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, first + 1, i + 1 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h1 = _emit(
             acc, h2, h3, h4, h5, h6, h7, h8, h9, h10, h0, first + 2, i + 2 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h2 = _emit(
             acc, h3, h4, h5, h6, h7, h8, h9, h10, h0, h1, first + 3, i + 3 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h3 = _emit(
             acc, h4, h5, h6, h7, h8, h9, h10, h0, h1, h2, first + 4, i + 4 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h4 = _emit(
             acc, h5, h6, h7, h8, h9, h10, h0, h1, h2, h3, first + 5, i + 5 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h5 = _emit(
             acc, h6, h7, h8, h9, h10, h0, h1, h2, h3, h4, first + 6, i + 6 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h6 = _emit(
             acc, h7, h8, h9, h10, h0, h1, h2, h3, h4, h5, first + 7, i + 7 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h7 = _emit(
             acc, h8, h9, h10, h0, h1, h2, h3, h4, h5, h6, first + 8, i + 8 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h8 = _emit(
             acc, h9, h10, h0, h1, h2, h3, h4, h5, h6, h7, first + 9, i + 9 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
         acc, h9 = _emit(
             acc, h10, h0, h1, h2, h3, h4, h5, h6, h7, h8, first + 10, i + 10 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, c1, c2,
+            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
             w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
         )
     return tl.sum(acc, axis=0)
 
 
-@_jit
+@_jit(do_not_specialize=_SIZES)
 def _ssim_tiles_kernel(
     x_ptr, y_ptr, table_ptr, shape_ptr, range_ptr, taps_ptr, partial_ptr,
     height, width, stride_n, inv_range, win, c1, c2, n_strips, n_tiles,
@@ -290,14 +311,14 @@ def _ssim_tiles_kernel(
     if (row0 < out_h) & (col0 < out_w):
         plane = c * height * width
         total = _tile_sum(
-            x_img + plane, y_img + plane, row0, col0, height, width, out_h, out_w, inv_range, taps_ptr,
+            x_img + plane, y_img + plane, row0, col0, height, width, out_h, out_w, win // 2, inv_range, taps_ptr,
             c1, c2, BLOCK_W, ROWS,
         )
         slot = (n.to(tl.int64) * tl.num_programs(1) + c) * n_tiles + tile
         tl.store(partial_ptr + slot, total)
 
 
-@_jit
+@_jit(do_not_specialize=("height", "width", "win", "n_strips_max", "n_tiles_max"))
 def _reduce_kernel(
     partial_ptr, shape_ptr, out_ptr, height, width, win, n_strips_max, n_tiles_max,
     RAGGED: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
@@ -437,11 +458,15 @@ def _taps_on(device: torch.device, win_size: int, sigma: float, gaussian: bool) 
 
 def _window(device, *, win_size, sigma, k1, k2, gaussian) -> _Window:
     _check_window(win_size, sigma)
+    _check_constants(k1, k2)
+    # Pixels are scaled by 1/L in the kernel, so the constants are (K L / L)^2.
+    return _Window(win_size, _taps_on(torch.device(device), win_size, float(sigma), bool(gaussian)), k1**2, k2**2)
+
+
+def _check_constants(k1: float, k2: float) -> None:
     for name, value in (("k1", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    # Pixels are scaled by 1/L in the kernel, so the constants are (K L / L)^2.
-    return _Window(win_size, _taps_on(torch.device(device), win_size, float(sigma), bool(gaussian)), k1**2, k2**2)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -484,14 +509,12 @@ def _check_image_pair(x, y, *, name_x: str, name_y: str, ndim: int) -> None:
     _check_dtype(x.dtype)
     if x.device != y.device:
         raise ValueError(f"{name_x} and {name_y} must be on the same device, got {x.device} and {y.device}")
-    _check_device(x, name_x)
     # Offsets inside one image are 32-bit in the kernel; the batch offset is 64-bit.
     if math.prod(x.shape[-3:]) >= 2**31:
         raise ValueError(f"one image of {name_x} must hold fewer than 2**31 values, got shape {tuple(x.shape)}")
 
 
-def _range_args(data_range: DataRange, n: int, device: torch.device) -> tuple[float, torch.Tensor | None]:
-    """(float32 1/L for a scalar range, or a float64 (N,) tensor of ranges on the device)."""
+def _check_range(data_range: DataRange, n: int) -> None:
     if isinstance(data_range, torch.Tensor):
         if data_range.shape != (n,) or not data_range.is_floating_point():
             raise ValueError(
@@ -499,9 +522,15 @@ def _range_args(data_range: DataRange, n: int, device: torch.device) -> tuple[fl
                 f"got {data_range.dtype} of shape {tuple(data_range.shape)}"
             )
         # Values are not checked here: that would wait for the device. ssim_ray.ssim validates them.
-        return 1.0, data_range.to(device=device, dtype=torch.float64).contiguous()
+        return
     if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not 0 < data_range < math.inf:
         raise ValueError(f"data_range must be a positive finite number or a ({n},) tensor, got {data_range!r}")
+
+
+def _range_args(data_range: DataRange, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """(float32 1/L for a scalar range, or a float64 (N,) tensor of ranges on the device)."""
+    if isinstance(data_range, torch.Tensor):
+        return 1.0, data_range.to(device=device, dtype=torch.float64).contiguous()
     # Rounded once from float64, as the kernel does for per-image ranges: both give the same bits.
     return float(torch.tensor(1.0 / float(data_range), dtype=torch.float32)), None
 
@@ -509,7 +538,7 @@ def _range_args(data_range: DataRange, n: int, device: torch.device) -> tuple[fl
 def _launch(x: torch.Tensor, y: torch.Tensor, geo: _Launch, window: _Window, data_range: DataRange,
             tiles: TileConfig) -> torch.Tensor:
     """Run the tile kernel and the fixed-order reduction; (N, C) float32 means."""
-    inv_range, ranges = _range_args(data_range, geo.n, x.device)
+    inv_range, ranges = _range_args(data_range, x.device)
     tile_rows, tile_cols = _grid_dims(geo.height, geo.width, window.win_size, tiles)
     n_tiles = tile_rows * tile_cols
     partial = torch.empty((geo.n, geo.c, n_tiles), dtype=torch.float64, device=x.device)
@@ -578,6 +607,9 @@ def ssim_per_channel_triton(
     _check_image_pair(x, y, name_x="x", name_y="y", ndim=4)
     _check_window(win_size, sigma)
     _check_size(x.shape[2], x.shape[3], win_size)
+    _check_constants(k1, k2)
+    _check_range(data_range, x.shape[0])
+    _check_device(x, "x")
     window = _window(x.device, win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian)
     return _same_shape(x, y, data_range=data_range, window=window, tiles=DEFAULT_TILES)
 
@@ -633,13 +665,15 @@ def ssim_per_channel_triton_ragged(
         torch.Size([2, 3])
     """
     _check_window(win_size, sigma)
-    xs, ys = _checked_lists(xs, ys, win_size=win_size)
+    _check_lists(xs, ys, win_size=win_size)
+    _check_constants(k1, k2)
+    _check_range(data_range, len(xs))
+    _check_device(xs[0], "xs[0]")
     window = _window(xs[0].device, win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian)
     return _ragged(xs, ys, data_range=data_range, window=window, tiles=DEFAULT_TILES)
 
 
-def _checked_lists(xs, ys, *, win_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Validated, contiguous copies of the two lists (no copy for tensors already contiguous)."""
+def _check_lists(xs, ys, *, win_size: int) -> None:
     if not isinstance(xs, (list, tuple)) or not isinstance(ys, (list, tuple)):
         raise TypeError(f"xs and ys must be lists of tensors, got {type(xs).__name__} and {type(ys).__name__}")
     if len(xs) != len(ys) or not xs:
@@ -653,12 +687,13 @@ def _checked_lists(xs, ys, *, win_size: int) -> tuple[list[torch.Tensor], list[t
                 f"every pair must share channels, dtype and device: xs[0] has {first.shape[0]}, {first.dtype}, "
                 f"{first.device}; xs[{i}] has {x.shape[0]}, {x.dtype}, {x.device}"
             )
-    return [x.contiguous() for x in xs], [y.contiguous() for y in ys]
 
 
 def _ragged(xs: list[torch.Tensor], ys: list[torch.Tensor], *, data_range: DataRange, window: _Window,
             tiles: TileConfig) -> torch.Tensor:
     device = xs[0].device
+    # The kernel assumes dense (C, H, W) images; contiguous() copies only those that are not.
+    xs, ys = [x.contiguous() for x in xs], [y.contiguous() for y in ys]
     # Absolute addresses: the kernel turns them back into typed pointers (one launch, no concatenating copy).
     table = torch.tensor([[x.data_ptr(), y.data_ptr()] for x, y in zip(xs, ys)], dtype=torch.int64, device=device)
     shapes = torch.tensor([list(x.shape[1:]) for x in xs], dtype=torch.int32, device=device)
