@@ -439,20 +439,15 @@ class _Launch:
     shapes: torch.Tensor | None  # ragged: int32 (N, 2) heights and widths
 
 
-def _window_1d(win_size: int, sigma: float, gaussian: bool) -> torch.Tensor:
-    """The normalised 1-D window in float64 (Gaussian of `sigma`, or uniform)."""
-    if not gaussian:
-        return torch.full((win_size,), 1.0 / win_size, dtype=torch.float64)
-    offsets = torch.arange(win_size, dtype=torch.float64) - (win_size - 1) / 2
-    taps = torch.exp(-(offsets**2) / (2.0 * sigma**2))
-    return taps / taps.sum()
-
-
 @functools.lru_cache(maxsize=16)
 def _taps_on(device: torch.device, win_size: int, sigma: float, gaussian: bool) -> torch.Tensor:
     # Cached per device: uploading 11 floats on every call would cost a host-to-device copy each time.
+    # Imported here, not at the top: ssim_ray.ssim dispatches to this module, so a top-level import would be
+    # circular. The window is the torch path's own, rounded to float32 as its fp32 path rounds it.
+    from ssim_ray.ssim import gaussian_window_1d
+
     taps = torch.zeros(MAX_WIN_SIZE, dtype=torch.float32)
-    taps[:win_size] = _window_1d(win_size, sigma, gaussian).to(torch.float32)
+    taps[:win_size] = gaussian_window_1d(win_size, sigma, gaussian=gaussian).to(torch.float32)
     return taps.to(device)
 
 
