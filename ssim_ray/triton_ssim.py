@@ -54,7 +54,7 @@ except ImportError:  # triton is optional: CPU-only installs use the torch path 
 
 MAX_WIN_SIZE = 11
 SUPPORTED_DTYPES = (torch.uint8, torch.uint16, torch.float16, torch.bfloat16, torch.float32)
-# torch's CUDA caching allocator rounds every block up to this many bytes; the probe sees rounded sizes.
+# torch's CUDA caching allocator rounds every block up to 512 bytes.
 _ALLOCATION_GRANULE = 512
 
 
@@ -360,7 +360,8 @@ def _interpreted() -> bool:
     return InterpretedFunction is not None and isinstance(_ssim_tiles_kernel, InterpretedFunction)
 
 
-def _round_up(nbytes: int) -> int:
+def _allocated(nbytes: int) -> int:
+    """A request of `nbytes` as torch's CUDA caching allocator rounds it."""
     return -(-nbytes // _ALLOCATION_GRANULE) * _ALLOCATION_GRANULE
 
 
@@ -376,8 +377,10 @@ def triton_workspace_bytes(
     """Device bytes one same-shape kernel call holds at its peak: both inputs plus the kernel's own buffers.
 
     The kernel keeps no SSIM maps: besides x and y it allocates one float64 sum per tile and image-channel
-    and the (N, C) float32 scores. Each allocation is rounded up to 512 bytes, as torch's CUDA caching
-    allocator rounds it, so the figure matches `torch.cuda.max_memory_allocated` for the call.
+    and the (N, C) float32 scores. Each buffer is rounded up to 512 bytes as torch's CUDA caching allocator
+    rounds it; `torch.cuda.max_memory_allocated` for the call can differ only where the allocator hands a
+    large buffer a bigger cached block than it asked for (less than 2 MiB per input, measured in the gpu
+    tests). The memory probe keeps its own margin on top.
 
     Args:
         n: Batch size.
@@ -412,7 +415,7 @@ def triton_workspace_bytes(
     sizes = [n * c * h * w * itemsize] * 2 + [n * c * tile_rows * tile_cols * 8, n * c * 4]
     if per_image_range:
         sizes.append(n * 8)
-    return sum(_round_up(size) for size in sizes)
+    return sum(_allocated(size) for size in sizes)
 
 
 @dataclass(frozen=True)
