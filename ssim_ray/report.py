@@ -217,12 +217,12 @@ def _axes(draw: ImageDraw.ImageDraw, frame: _Frame, *, title: str, xlabel: str, 
 
 
 def histogram_image(edges: np.ndarray, counts: np.ndarray, *, title: str, color=PALETTE[0],
-                    size: Tuple[int, int] = (640, 320)) -> Image.Image:
+                    size: Tuple[int, int] = (560, 300)) -> Image.Image:
     """A bar chart of display-bin counts over their SSIM edges.
 
     Example:
         >>> histogram_image(np.array([0.0, 0.5, 1.0]), np.array([1, 3]), title="t").size
-        (640, 320)
+        (560, 300)
     """
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -236,12 +236,12 @@ def histogram_image(edges: np.ndarray, counts: np.ndarray, *, title: str, color=
 
 
 def cdf_image(series: Sequence[Tuple[str, np.ndarray, np.ndarray]], *, title: str,
-              size: Tuple[int, int] = (640, 320)) -> Image.Image:
+              size: Tuple[int, int] = (560, 300)) -> Image.Image:
     """Step-free CDF lines (fraction of pairs below x), one per (label, xs, ys) series, with a legend.
 
     Example:
         >>> xs = np.array([0.0, 1.0]); cdf_image([("all", xs, xs)], title="t").size
-        (640, 320)
+        (560, 300)
     """
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -619,14 +619,17 @@ def _csp() -> str:
 
 
 def format_number(value: Any, *, digits: int = 4) -> str:
-    """How the report prints a number: floats with `digits` decimals, ints with thousands separators.
+    """How the report prints a value: floats with `digits` decimals, ints with thousands separators,
+    structures (a batch-size record, say) as JSON.
 
     Example:
-        >>> format_number(0.123456), format_number(1234567), format_number(None)
-        ('0.1235', '1,234,567', '–')
+        >>> format_number(0.123456), format_number(1234567), format_number(None), format_number({"ooms": 0})
+        ('0.1235', '1,234,567', '–', '{"ooms": 0}')
     """
     if value is None:
         return "–"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int):
