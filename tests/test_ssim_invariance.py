@@ -51,19 +51,30 @@ def alone(x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
     return torch.cat([ssim(x[i : i + 1], y[i : i + 1], per_channel=True, **options) for i in range(len(x))])
 
 
+@pytest.fixture(params=["never", "always"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the eager tile kernel and again with the compiled one (SSIM_RAY_COMPILE)."""
+    monkeypatch.setenv("SSIM_RAY_COMPILE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp64"])
 @pytest.mark.parametrize("channels, height, width", [(3, 37, 53), (1, 64, 21), (4, 11, 300)])
-def test_every_batch_size_from_1_to_64_gives_the_same_bits(precision: str, channels: int, height: int, width: int) -> None:
+def test_every_batch_size_from_1_to_64_gives_the_same_bits(
+    kernel: str, precision: str, channels: int, height: int, width: int
+) -> None:
     x, y = real_pairs(64, channels, height, width, seed=height)
     want = alone(x, y, precision=precision)
     assert len(set(want[:, 0].tolist())) == 64  # 64 different pairs, not one repeated
-    for size in range(1, 65):
+    # Every size with the compiled kernel; a spread of sizes with the eager one (20x slower, same ops).
+    sizes = range(1, 65) if kernel == "always" else (1, 2, 3, 5, 8, 13, 31, 64)
+    for size in sizes:
         got = torch.cat([ssim(x[i : i + size], y[i : i + size], per_channel=True, precision=precision)
                          for i in range(0, 64, size)])
         assert torch.equal(got, want), f"batch size {size}: {(got - want).abs().max().item()}"
 
 
-def test_large_images_batch_of_one_equals_batch_of_sixteen() -> None:
+def test_large_images_batch_of_one_equals_batch_of_sixteen(kernel: str) -> None:
     """The benchmark shape: where a reduction kernel would split work across threads differently."""
     x, y = real_pairs(16, 3, 256, 256, seed=5)
     batched = ssim(x, y, per_channel=True)
@@ -79,7 +90,7 @@ def test_position_in_batch_does_not_matter() -> None:
         assert torch.equal(ssim(x[order], y[order], per_channel=True), want[order])
 
 
-def test_ragged_groupings_give_the_same_bits_as_alone() -> None:
+def test_ragged_groupings_give_the_same_bits_as_alone(kernel: str) -> None:
     shapes = [(3, 23, 31), (3, 64, 48), (3, 11, 11), (3, 100, 37)]
     pairs = [real_pairs(6, *shape, seed=i) for i, shape in enumerate(shapes)]
     xs = [x[j] for x, _ in pairs for j in range(6)]
@@ -113,7 +124,7 @@ def test_overall_score_is_bitwise_the_mean_of_per_channel_scores(channels: int) 
     assert torch.equal(ssim(x[0], y[0]), per_channel[0].mean(-1))  # 0-d for one unbatched pair
 
 
-def test_thread_count_does_not_change_bits() -> None:
+def test_thread_count_does_not_change_bits(kernel: str) -> None:
     """Ray workers may run with different thread counts; the bits must not notice."""
     x, y = real_pairs(8, 3, 96, 80, seed=2)
     threads = torch.get_num_threads()
@@ -152,3 +163,23 @@ def test_fresh_process_gives_the_same_bits(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == here
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_compiled_and_eager_kernels_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                        precision: str) -> None:
+    """The compiled kernel is only an optimisation: whichever one a process uses, the bits are the same."""
+    shapes = [(3, 11, 11), (3, 75, 140), (3, 139, 300), (3, 257, 129)]  # one tile, tile edges, several tiles
+    xs = [x[0] for x, _ in (real_pairs(1, *s, seed=i) for i, s in enumerate(shapes))]
+    ys = [y[0] for _, y in (real_pairs(1, *s, seed=i) for i, s in enumerate(shapes))]
+    xs, ys = [x.to(dtype) for x in xs], [y.to(dtype) for y in ys]
+    data_range = None if dtype in (torch.uint8, torch.uint16) else 255.0
+    results = {}
+    for mode in ("never", "always"):
+        monkeypatch.setenv("SSIM_RAY_COMPILE", mode)
+        results[mode] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision)
+        results[mode + "/uniform"] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision,
+                                          win_size=7, gaussian=False)
+    assert torch.equal(results["never"], results["always"])
+    assert torch.equal(results["never/uniform"], results["always/uniform"])
