@@ -378,14 +378,14 @@ def print_summary(outcome: RunOutcome, stream=None) -> None:
     summary = outcome.summary
     write = lambda text="": print(text, file=stream)  # noqa: E731
     write(f"\nSSIM audit ({summary.get('metric', {}).get('name', 'wang2004')}) — {outcome.output_url}")
-    counts = summary.get("counts", {})
+    counts = summary.get("status_counts", {})
     write("  pairs by status: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     overall = summary.get("ssim", {})
     if overall.get("count"):
         pct = overall.get("percentiles", {})
         write(
             f"  ssim: mean {overall['mean']:.4f}  std {overall['std']:.4f}  min {overall['min']:.4f}  "
-            f"p5 {pct.get('5', float('nan')):.4f}  p50 {pct.get('50', float('nan')):.4f}  max {overall['max']:.4f}"
+            f"p5 {pct['p5']:.4f}  p50 {pct['p50']:.4f}  max {overall['max']:.4f}"
         )
     for worst in summary.get("worst", [])[:5]:
         write(f"  worst: {worst['ssim']:.4f}  {worst['pair_id']}  {worst.get('distorted', '')}")
@@ -396,4 +396,4 @@ def print_summary(outcome: RunOutcome, stream=None) -> None:
         f"{shards.get('resumed')} resumed; "
         + (f"{throughput:.1f} pairs/s" if throughput else "no pairs computed in this run")
     )
-    write(f"  results: {outcome.output_url}/ssim.parquet, summary.json")
+    write(f"  results: {outcome.output_url}/ssim.parquet, summary.json, report.html")

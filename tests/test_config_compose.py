@@ -59,6 +59,8 @@ def test_groups_exist_for_each_part_of_the_config():
 def test_default_is_the_sample_audit():
     job = _compose([])
     assert (job.source.kind, job.ssim.precision, job.batch.size, job.runtime.address) == ("sample", "fp32", "auto", None)
+    assert job.summary.group_by == "distortion"  # the sample's report breaks down by distortion
+    assert _compose(["source=parquet", "source.url=/m.parquet"]).summary.group_by is None
 
 
 @pytest.mark.parametrize("override", ["source.urll=/x", "ssim.window=7", "runtime.gpu=1"])
