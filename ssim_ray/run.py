@@ -160,7 +160,7 @@ class ShardDispatcher:
 
     def _commit_worker_failed(self, shard: sources.Shard) -> ShardResult:
         message = (
-            f"shard {shard.shard_id} failed on {self.attempts[shard.shard_id]} attempts; "
+            f"shard {shard.shard_id} failed on {self.attempts[shard.shard_id]} attempt(s); "
             f"last error: {self.last_error[shard.shard_id]}"
         )
         rows = [

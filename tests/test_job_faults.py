@@ -103,3 +103,33 @@ def test_node_removed_mid_run_and_job_completes_on_the_other(cluster, dataset, t
     summary = _assert_exactly_once(out, dataset)
     assert summary["shards"]["computed"] == summary["shards"]["total"]
     assert sum(outcome.failed_attempts.values()) >= 1
+
+
+def test_shard_failing_on_every_attempt_becomes_worker_failed_rows(cluster, dataset, tmp_path):
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_a_busy_actor() -> None:
+        for _ in range(500):
+            pids = _running_shard_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.01)
+
+    cfg = job_config(dataset.manifest, out, pairs_per_shard=12, address=cluster.address)
+    cfg.ssim.precision = "fp64"
+    cfg.runtime.max_shard_attempts = 1  # the one attempt that is killed is the last
+    watcher = _when_committed(out, 1, kill_a_busy_actor)
+    outcome = evaluate(cfg, output_url=str(out))
+    watcher.join()
+    assert killed
+    rows = read_results(out).to_pylist()
+    assert len({r["pair_id"] for r in rows}) == len(rows) == dataset.total
+    failed = [r for r in rows if r["status"] == "worker_failed"]
+    assert 1 <= len(failed) <= 12 and len({r["shard_id"] for r in failed}) == 1
+    assert all("failed on 1 attempt(s)" in r["error"] and r["ssim"] is None for r in failed)
+    assert outcome.summary["status_counts"]["worker_failed"] == len(failed)
