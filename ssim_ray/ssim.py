@@ -658,7 +658,8 @@ def ssim(
     use_sample_covariance=False, data_range=L)` to 1e-6 in fp32 and 1e-10 in fp64.
 
     A pair's score has the same bits whatever batch it is computed in (size, position, ragged grouping),
-    and `ssim(x, y)` equals `ssim(x, y, per_channel=True).mean(-1)` bitwise.
+    and `ssim(x, y)` equals `mean_over_channels(ssim(x, y, per_channel=True))` bitwise, which is
+    `ssim(x, y, per_channel=True).mean(-1)` on CPU for up to 4 channels.
 
     Args:
         x: Reference image(s): (H, W), (C, H, W) or (N, C, H, W), or a list of (C, H, W) / (H, W) tensors of
@@ -720,9 +721,37 @@ def ssim(
     else:
         scores, maps = _ssim_ragged(x, y, options)
     if not per_channel:
-        # Exactly what a caller gets from ssim(..., per_channel=True).mean(-1), bit for bit.
-        scores = scores.mean(-1)
+        scores = mean_over_channels(scores)
     return (scores, maps) if return_map else scores
+
+
+def mean_over_channels(per_channel: torch.Tensor) -> torch.Tensor:
+    """The overall score from per-channel scores, exactly as `ssim` forms it: channels added in order, / C.
+
+    Elementwise adds, so the result does not depend on how many rows are reduced together or on the
+    device. For C <= 4 this is bitwise `per_channel.mean(-1)` on CPU (tested); torch's own mean changes
+    its order with the batch size from C = 5 on, so code that stores scores should call this.
+
+    Args:
+        per_channel: Scores with channels last, e.g. `ssim(x, y, per_channel=True)`: (N, C) or (C,).
+
+    Returns:
+        The mean over the last dimension, same dtype and device, shape (N,) or 0-d.
+
+    Raises:
+        ValueError: the last dimension is empty.
+
+    Example:
+        >>> mean_over_channels(torch.tensor([[0.5, 0.25, 1.0]]))
+        tensor([0.5833])
+    """
+    channels = per_channel.shape[-1]
+    if channels == 0:
+        raise ValueError(f"per_channel must have at least one channel in its last dimension, got {tuple(per_channel.shape)}")
+    total = per_channel[..., 0]
+    for c in range(1, channels):
+        total = total + per_channel[..., c]
+    return total / channels
 
 
 def _ssim_tensors(x: torch.Tensor, y: torch.Tensor, options: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -20,6 +20,7 @@ from PIL import Image
 from skimage import data
 
 from ssim_ray import ssim
+from ssim_ray.ssim import mean_over_channels
 
 
 def real_pairs(count: int, channels: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +120,23 @@ def test_overall_score_is_bitwise_the_mean_of_per_channel_scores(channels: int) 
     x, y = real_pairs(64, channels, 24, 33, seed=channels)
     per_channel = ssim(x, y, per_channel=True)
     assert torch.equal(ssim(x, y), per_channel.mean(-1))
+    assert torch.equal(ssim(x, y), mean_over_channels(per_channel))
     for size in (1, 2, 7, 64):  # and the channel mean itself does not depend on how many rows it sees
         assert torch.equal(per_channel[:size].mean(-1), per_channel.mean(-1)[:size])
     assert torch.equal(ssim(x[0], y[0]), per_channel[0].mean(-1))  # 0-d for one unbatched pair
+
+
+@pytest.mark.parametrize("channels", [5, 6, 7, 8])
+def test_many_channels_overall_score_is_mean_over_channels_in_any_batch(channels: int) -> None:
+    """From 5 channels torch's mean(-1) changes order with the row count; mean_over_channels does not."""
+    g = torch.Generator().manual_seed(channels)
+    per_channel = torch.rand(64, channels, generator=g)
+    full = mean_over_channels(per_channel)
+    assert all(torch.equal(mean_over_channels(per_channel[i : i + 1]), full[i : i + 1]) for i in range(64))
+    x = (torch.rand(3, channels, 20, 20, generator=g) * 255).to(torch.uint8)
+    y = (torch.rand(3, channels, 20, 20, generator=g) * 255).to(torch.uint8)
+    assert torch.equal(ssim(x, y), mean_over_channels(ssim(x, y, per_channel=True)))
+    assert torch.equal(ssim(x[1:2], y[1:2]), ssim(x, y)[1:2])
 
 
 def test_thread_count_does_not_change_bits(kernel: str) -> None:
@@ -148,6 +163,7 @@ def test_repeated_calls_give_the_same_bits() -> None:
 RUN_IN_FRESH_PROCESS = """
 import sys, torch
 from ssim_ray import ssim
+from ssim_ray.ssim import mean_over_channels
 x, y = torch.load(sys.argv[1])
 print(ssim(x, y, per_channel=True).double().numpy().tobytes().hex())
 """
