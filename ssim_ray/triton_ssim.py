@@ -56,6 +56,7 @@ MAX_WIN_SIZE = 11
 SUPPORTED_DTYPES = (torch.uint8, torch.uint16, torch.float16, torch.bfloat16, torch.float32)
 # torch's CUDA caching allocator rounds every block up to 512 bytes.
 _ALLOCATION_GRANULE = 512
+_MAX_BATCH = 65535
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,8 @@ def triton_workspace_bytes(
         Bytes.
 
     Raises:
-        ValueError: For sizes below one or smaller than the window, or an unsupported dtype.
+        ValueError: For sizes below one or smaller than the window.
+        TypeError: For an unsupported dtype.
 
     Example:
         >>> import torch
@@ -459,6 +461,12 @@ def _window(device, *, win_size, sigma, k1, k2, gaussian) -> _Window:
     _check_constants(k1, k2)
     # Pixels are scaled by 1/L in the kernel, so the constants are (K L / L)^2.
     return _Window(win_size, _taps_on(torch.device(device), win_size, float(sigma), bool(gaussian)), k1**2, k2**2)
+
+
+def _check_batch(n: int) -> None:
+    # The batch is the grid's third dimension, which CUDA caps at 65535 programs.
+    if n > _MAX_BATCH:
+        raise ValueError(f"at most {_MAX_BATCH} pairs per call (the CUDA grid's z limit), got {n}")
 
 
 def _check_constants(k1: float, k2: float) -> None:
@@ -606,6 +614,7 @@ def ssim_per_channel_triton(
     _check_window(win_size, sigma)
     _check_size(x.shape[2], x.shape[3], win_size)
     _check_constants(k1, k2)
+    _check_batch(x.shape[0])
     _check_range(data_range, x.shape[0])
     _check_device(x, "x")
     window = _window(x.device, win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian)
@@ -665,6 +674,7 @@ def ssim_per_channel_triton_ragged(
     _check_window(win_size, sigma)
     _check_lists(xs, ys, win_size=win_size)
     _check_constants(k1, k2)
+    _check_batch(len(xs))
     _check_range(data_range, len(xs))
     _check_device(xs[0], "xs[0]")
     window = _window(xs[0].device, win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian)

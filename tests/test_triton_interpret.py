@@ -423,6 +423,8 @@ def _u8(*shape: int, device: str = "cpu") -> torch.Tensor:
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"k1": 0.0}, ValueError, r"k1 must be a positive finite number, got 0.0"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"sigma": -1.0}, ValueError, r"sigma must be .*got -1.0"),
         (_u8(1, 1, 16, 16, device="meta"), _u8(1, 1, 16, 16, device="meta"), {}, ValueError, r"device, got meta"),
+        (_u8(65536, 1, 16, 16, device="meta"), _u8(65536, 1, 16, 16, device="meta"), {}, ValueError,
+         r"at most 65535 pairs per call .*got 65536"),
     ],
 )
 def test_invalid_input_names_expected_and_got(x, y, options, error, message):
