@@ -110,7 +110,8 @@ def methods(peers: dict) -> list[tuple[str, str, Callable]]:
         rows.append(("pytorch-msssim", "float32", lambda i, f=peers["pytorch_msssim"].ssim: f(
             i["f32"][0], i["f32"][1], data_range=255, size_average=False)))
     if peers["torchmetrics"] is not None:
-        rows.append(("torchmetrics", "float32", lambda i, f=peers["torchmetrics"].structural_similarity_index_measure: f(
+        tm_ssim = peers["torchmetrics"].structural_similarity_index_measure
+        rows.append(("torchmetrics", "float32", lambda i, f=tm_ssim: f(
             i["f32"][0], i["f32"][1], data_range=255.0, reduction="none")))
     if peers["kornia"] is not None:
         rows.append(("kornia (valid)", "float32", lambda i, f=peers["kornia"].ssim: f(

@@ -57,7 +57,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 python3 - <<'PY'
 import sys, torch, triton
-print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__)
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")
 for name in ("ray", "hydra", "kornia", "pytorch_msssim", "torchmetrics", "skimage"):
     try:
@@ -100,4 +101,5 @@ echo
 echo "=== SUMMARY (t=$((SECONDS - START))s) ==="
 printf '%s\n' "${RESULTS[@]}"
 [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+sleep 2  # let tee flush the log before the machine collects $OUT
 exit 0

@@ -667,7 +667,8 @@ def ssim_per_channel_triton_ragged(
     Example:
         >>> import torch
         >>> from ssim_ray.triton_ssim import ssim_per_channel_triton_ragged
-        >>> xs = [torch.randint(0, 256, (3, h, 64), dtype=torch.uint8, device="cuda") for h in (32, 48)]  # doctest: +SKIP
+        >>> xs = [torch.randint(0, 256, (3, h, 64), dtype=torch.uint8, device="cuda")  # doctest: +SKIP
+        ...       for h in (32, 48)]
         >>> ssim_per_channel_triton_ragged(xs, xs, data_range=255.0).shape  # doctest: +SKIP
         torch.Size([2, 3])
     """
