@@ -19,7 +19,7 @@ import torch
 from ssim_ray import results, sources
 from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memory
 from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
-from ssim_ray.ssim import ssim
+from ssim_ray.ssim import mean_over_channels, ssim
 
 # Pairs in the probe's trial batch: enough to make the per-pair peak dominate fixed costs, small enough
 # to be cheap on the largest images.
@@ -138,7 +138,7 @@ class ShardComputer:
     def _fill_scores(pairs: List[sources.LoadedPair], per_channel: torch.Tensor, rows: Dict[int, dict]) -> None:
         # Reduce in the metric's own dtype, exactly as ssim() does, so the job's score has the same bits
         # as a direct ssim(x, y) call; widen to float64 only for storage.
-        overall = per_channel.mean(-1).tolist()
+        overall = mean_over_channels(per_channel).tolist()
         per_channel_values = per_channel.tolist()
         for i, pair in enumerate(pairs):
             row = rows[pair.row_index]
