@@ -619,9 +619,10 @@ def _ssim_batch(
     if downsample == "wang":
         f = wang_downsample_factor(x.shape[-2], x.shape[-1])
         x, y = _wang_downsample(x.to(dtype), f), _wang_downsample(y.to(dtype), f)
-    if x.shape[0] == 0:
-        empty = torch.empty(x.shape[:2], dtype=dtype, device=x.device)
-        return empty, (x.new_empty((0, x.shape[1], 0, 0), dtype=dtype) if return_map else None)
+    if x.shape[0] == 0:  # an empty batch is a valid batch: empty scores (and maps of the right size)
+        map_shape = (0, x.shape[1], x.shape[-2] - window.numel() + 1, x.shape[-1] - window.numel() + 1)
+        empty_map = torch.empty(map_shape, dtype=dtype, device=x.device) if return_map else None
+        return torch.empty(x.shape[:2], dtype=dtype, device=x.device), empty_map
     means, ssim_map = _per_channel_means(
         x, y, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype, return_map=return_map
     )
