@@ -35,7 +35,7 @@ from ssim_ray.ssim import ssim
 
 SIZES = ((64, 3, 256, 256), (8, 3, 512, 512), (2, 3, 2048, 2048))
 DRY_SIZES = ((2, 3, 48, 48),)
-TILE_CONFIGS = ((128, 64, 4), (64, 64, 2), (256, 64, 8), (128, 32, 4), (128, 128, 4))
+TILE_CONFIGS = ((128, 64, 4, 1), (64, 64, 2, 1), (256, 64, 8, 1), (128, 128, 4, 1), (128, 64, 2, 2), (256, 64, 4, 2))
 
 
 @dataclass
@@ -161,11 +161,12 @@ def tile_sweep(sizes, device: str, timer) -> list[Row]:
     for size in sizes:
         x, y = _inputs(size, device, seed=1)["u8"]
         window = triton_ssim._window(x.device, win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
-        for block_w, n_rows, warps in TILE_CONFIGS:
-            tiles = triton_ssim.TileConfig(block_w, n_rows, warps)
-            fn = lambda _: triton_ssim._same_shape(x, y, data_range=255.0, window=window, tiles=tiles)  # noqa: E731
+        for block_w, n_rows, warps, per_lane in TILE_CONFIGS:
+            tiles = triton_ssim.TileConfig(block_w, n_rows, warps, per_lane)
+            fn = lambda _, t=tiles: triton_ssim._same_shape(x, y, data_range=255.0, window=window, tiles=t)  # noqa: E731
             ms, note = _time_one(timer, fn, None)
-            rows.append(Row(f"kernel tiles {block_w}x{n_rows}, {warps} warps", "uint8", size, ms, note))
+            name = f"kernel tiles {block_w}x{n_rows}, {warps} warps, {per_lane} col/lane"
+            rows.append(Row(name, "uint8", size, ms, note))
     return rows
 
 

@@ -12,7 +12,9 @@ Design (see also docs/BENCHMARKS.md, section "GPU"):
   moments x, y, x^2 + y^2 and xy horizontally (the denominator needs only sigma_x^2 + sigma_y^2), and keeps
   the last 11 blurred rows in registers as a sliding window; each new row completes one output row, blurred
   vertically from that window. Nothing but the pixels is read from memory and nothing but one partial sum
-  per tile is written, so each input pixel crosses DRAM about once (tile halos re-read from L2).
+  per tile is written, so each input pixel crosses DRAM about once (tile halos re-read from L2). A lane
+  computes one output column, or two or four adjacent ones sharing their loaded and squared pixels
+  (`TileConfig.cols_per_lane`: fewer instructions per pixel, more registers; offered to the GPU benchmark).
 - Pixels are scaled by 1/L and centred before the moments are formed, each tile column on one of its own
   pixels (`x / L - c_j`): E[x^2] - mu^2 then cancels few fp32 bits in smooth regions, where it matters.
   Centring on a global 0.5 left errors up to 2e-6 against float64 on real photos; this leaves ~1e-7.
@@ -61,11 +63,21 @@ _MAX_BATCH = 65535
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Shape of the tile one program computes. Fixed per module so results never depend on the batch."""
+    """Shape of the tile one program computes. Fixed per module so results never depend on the batch.
+
+    block_w output columns by `rows` output rows; each lane computes `cols_per_lane` adjacent columns,
+    sharing the loaded, centred and squared pixels between them (fewer instructions per pixel, more
+    registers: 1 is the measured-safe default, 2 is offered to the GPU benchmark's tile sweep).
+    """
 
     block_w: int = 128
     rows: int = 64
     num_warps: int = 4
+    cols_per_lane: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cols_per_lane not in (1, 2, 4) or self.block_w % self.cols_per_lane:
+            raise ValueError(f"cols_per_lane must be 1, 2 or 4 and divide block_w, got {self}")
 
 
 DEFAULT_TILES = TileConfig()
@@ -86,52 +98,80 @@ _SIZES = ("height", "width", "stride_n", "win", "n_strips", "n_tiles")
 
 
 @_jit
-def _hstep(hx, hy, hs, hp, xp, yp, k, inv_range, cx, cy, w):
-    """Add horizontal tap k of the four moments of pixels scaled by 1/L and centred on (cx, cy)."""
-    # Pointer plus a constant offset, so each tap's load needs no address arithmetic of its own; no mask,
-    # because the caller clamps columns and rows into the image.
-    xv = tl.load(xp + k).to(tl.float32) * inv_range - cx
-    yv = tl.load(yp + k).to(tl.float32) * inv_range - cy
-    hx += w * xv
-    hy += w * yv
-    hs += w * (xv * xv + yv * yv)
-    hp += w * (xv * yv)
-    return hx, hy, hs, hp
+def _by_column(vals, V: tl.constexpr):
+    """One tensor from a lane's V output columns: (T,) for V = 1, else (T, V) with the column last."""
+    if V == 1:
+        out = vals[0]
+    elif V == 2:
+        out = tl.join(vals[0], vals[1])
+    else:
+        out = tl.reshape(tl.join(tl.join(vals[0], vals[2]), tl.join(vals[1], vals[3])), [vals[0].shape[0], 4])
+    return out
 
 
 @_jit
-def _hrow(
-    x_img, y_img, row, height, width, cols, inv_range, cx, cy, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
-):
-    """Horizontal blur of the four moments of one input row, packed as (BLOCK_W, 2, 2).
+def _zero_row(BLOCK_W: tl.constexpr, V: tl.constexpr):
+    """An empty blurred row, shaped as `_hrow` returns them."""
+    if V == 1:
+        z = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
+    else:
+        z = tl.zeros([BLOCK_W // V, V, 2, 2], dtype=tl.float32)
+    return z
 
-    `cols` are output columns clamped to the last valid one, so every tap reads inside the row.
+
+@_jit
+def _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, V: tl.constexpr):
+    """Horizontal blur of the four moments of one input row, packed as (BLOCK_W, 2, 2) or (T, V, 2, 2).
+
+    Lane t computes output columns base[t] .. base[t] + V - 1 from the V + 10 pixels from base[t]: each
+    pixel is loaded, converted, centred and squared once per lane, not once per tap.
     """
     # Rows below the image are needed only by windows shorter than 11, whose extra taps are zero: any
     # finite row will do, so read the last one.
     row = tl.minimum(row, height - 1)
-    xp = x_img + row * width + cols
-    yp = y_img + row * width + cols
-    hx = tl.zeros(cols.shape, dtype=tl.float32)
-    hy = tl.zeros(cols.shape, dtype=tl.float32)
-    hs = tl.zeros(cols.shape, dtype=tl.float32)
-    hp = tl.zeros(cols.shape, dtype=tl.float32)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 0, inv_range, cx, cy, w0)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 1, inv_range, cx, cy, w1)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 2, inv_range, cx, cy, w2)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 3, inv_range, cx, cy, w3)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 4, inv_range, cx, cy, w4)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 5, inv_range, cx, cy, w5)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 6, inv_range, cx, cy, w6)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 7, inv_range, cx, cy, w7)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 8, inv_range, cx, cy, w8)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 9, inv_range, cx, cy, w9)
-    hx, hy, hs, hp = _hstep(hx, hy, hs, hp, xp, yp, 10, inv_range, cx, cy, w10)
-    return tl.join(tl.join(hx, hy), tl.join(hs, hp))
+    xp = x_img + row * width + base
+    yp = y_img + row * width + base
+    xs = ()
+    ys = ()
+    squares = ()
+    products = ()
+    for m in tl.static_range(V + 10):
+        # Pointer plus a constant offset: no address arithmetic per tap. The caller clamps `base` so that
+        # no load needs a mask, except the last V - 1 when the valid map is narrower than V columns.
+        if m > 10:
+            inside = base + m < width
+            xv = tl.load(xp + m, mask=inside, other=0).to(tl.float32) * inv_range - cx
+            yv = tl.load(yp + m, mask=inside, other=0).to(tl.float32) * inv_range - cy
+        else:
+            xv = tl.load(xp + m).to(tl.float32) * inv_range - cx
+            yv = tl.load(yp + m).to(tl.float32) * inv_range - cy
+        xs = xs + (xv,)
+        ys = ys + (yv,)
+        squares = squares + (xv * xv + yv * yv,)
+        products = products + (xv * yv,)
+    hx = ()
+    hy = ()
+    hs = ()
+    hp = ()
+    for u in tl.static_range(V):
+        sx = taps[0] * xs[u]
+        sy = taps[0] * ys[u]
+        ss = taps[0] * squares[u]
+        sp = taps[0] * products[u]
+        for k in tl.static_range(1, 11):
+            sx += taps[k] * xs[u + k]
+            sy += taps[k] * ys[u + k]
+            ss += taps[k] * squares[u + k]
+            sp += taps[k] * products[u + k]
+        hx = hx + (sx,)
+        hy = hy + (sy,)
+        hs = hs + (ss,)
+        hp = hp + (sp,)
+    return tl.join(tl.join(_by_column(hx, V), _by_column(hy, V)), tl.join(_by_column(hs, V), _by_column(hp, V)))
 
 
 @_jit
-def _ssim_row(v, cx, cy, c1, c2):
+def _ssim_row(v, cx, cy, c1, c2, V: tl.constexpr):
     """SSIM of one output row from its blurred moments, centred on (cx, cy) and packed as in `_hrow`."""
     first, second = tl.split(v)
     mx, my = tl.split(first)
@@ -139,8 +179,12 @@ def _ssim_row(v, cx, cy, c1, c2):
     var_sum = sum_sq - mx * mx - my * my
     cov = cross - mx * my
     # Undo the centring for the luminance term, which (unlike the variances) is not shift-invariant.
-    mx += cx
-    my += cy
+    if V == 1:
+        mx += cx
+        my += cy
+    else:
+        mx += cx[:, None]
+        my += cy[:, None]
     num = (2.0 * mx * my + c1) * (2.0 * cov + c2)
     den = (mx * mx + my * my + c1) * (var_sum + c2)
     return num / den
@@ -163,68 +207,66 @@ def _image_geometry(x_ptr, y_ptr, table_ptr, shape_ptr, n, height, width, stride
 @_jit
 def _emit(
     acc, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, row, row_ok,
-    x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-    w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+    x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V: tl.constexpr,
 ):
     """One output row: blur input `row` horizontally, finish the vertical blur over a0..a9 and it, and add
     the row's SSIM to the per-column sums `acc` (unless `row_ok` is false). Returns (acc, the new row)."""
-    new = _hrow(
-        x_img, y_img, row, height, width, cols, inv_range, cx, cy, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
-    )
-    v = (w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3 + w4 * a4 + w5 * a5
-         + w6 * a6 + w7 * a7 + w8 * a8 + w9 * a9 + w10 * new)
-    s = _ssim_row(v, cx, cy, c1, c2)
+    new = _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, V)
+    v = (taps[0] * a0 + taps[1] * a1 + taps[2] * a2 + taps[3] * a3 + taps[4] * a4 + taps[5] * a5
+         + taps[6] * a6 + taps[7] * a7 + taps[8] * a8 + taps[9] * a9 + taps[10] * new)
+    s = _ssim_row(v, cx, cy, c1, c2, V)
     acc += tl.where(col_ok & row_ok, s, 0.0).to(tl.float64)
     return acc, new
 
 
 @_jit
+def _columns(col0, out_w, BLOCK_W: tl.constexpr, V: tl.constexpr):
+    """Each lane's first output column `base`, and which of its V columns are valid and its own."""
+    lane = col0 + V * tl.arange(0, BLOCK_W // V)
+    # Lanes past the valid map are pulled back inside it, so that no load needs a mask (column j reads
+    # j .. j + 10); what they compute again is left out of the sum.
+    base = tl.maximum(tl.minimum(lane, out_w - V), 0)
+    if V == 1:
+        col_ok = lane < out_w
+    else:
+        col = base[:, None] + tl.arange(0, V)[None, :]
+        col_ok = (col >= lane[:, None]) & (col < out_w)
+    return base, col_ok
+
+
+@_jit
 def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_range, taps_ptr, c1, c2,
-              BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
+              BLOCK_W: tl.constexpr, ROWS: tl.constexpr, V: tl.constexpr):
     """fp64 sum of the SSIM map over one tile: ROWS output rows from row0, BLOCK_W columns from col0."""
-    cols = col0 + tl.arange(0, BLOCK_W)
-    col_ok = cols < out_w
-    # Lanes past the valid map repeat its last column (and are left out of the sum), so that no load
-    # needs a mask: column j reads j .. j + win - 1, inside the image for every valid j.
-    cols = tl.minimum(cols, out_w - 1)
-    # Each column's pixels are centred on one of them (at the centre of the tile's first window in that
-    # column): E[x^2] - mu^2 then cancels few fp32 bits where it matters, in smooth regions. Any constant
-    # shared by a window is exact in real arithmetic (variances and covariance are shift-invariant and the
-    # means get it back); a global 0.5 L left 2e-6 on a contrast-changed photo, this ~1e-7.
-    centre = (row0 + half) * width + cols + half
+    base, col_ok = _columns(col0, out_w, BLOCK_W, V)
+    # Each lane's pixels are centred on one of them (at the centre of the tile's first window there):
+    # E[x^2] - mu^2 then cancels few fp32 bits where it matters, in smooth regions. Any constant shared by
+    # a window is exact in real arithmetic (variances and covariance are shift-invariant and the means get
+    # it back); a global 0.5 L left 2e-6 on a contrast-changed photo, this ~1e-7.
+    centre = (row0 + half) * width + base + half
     cx = tl.load(x_img + centre).to(tl.float32) * inv_range
     cy = tl.load(y_img + centre).to(tl.float32) * inv_range
-    w0 = tl.load(taps_ptr + 0)
-    w1 = tl.load(taps_ptr + 1)
-    w2 = tl.load(taps_ptr + 2)
-    w3 = tl.load(taps_ptr + 3)
-    w4 = tl.load(taps_ptr + 4)
-    w5 = tl.load(taps_ptr + 5)
-    w6 = tl.load(taps_ptr + 6)
-    w7 = tl.load(taps_ptr + 7)
-    w8 = tl.load(taps_ptr + 8)
-    w9 = tl.load(taps_ptr + 9)
-    w10 = tl.load(taps_ptr + 10)
+    taps = ()
+    for k in tl.static_range(11):
+        taps = taps + (tl.load(taps_ptr + k),)
     # The sliding window of horizontally blurred rows, oldest first. Ten distinct zero tensors: Triton
     # carries a name through a loop only if its value changes, and rotating aliases of one tensor would
     # look unchanged (a compiled-only bug that the interpreter cannot show; see the tests).
-    h0 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h1 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h2 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h3 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h4 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h5 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h6 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h7 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h8 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
-    h9 = tl.zeros([BLOCK_W, 2, 2], dtype=tl.float32)
+    h0 = _zero_row(BLOCK_W, V)
+    h1 = _zero_row(BLOCK_W, V)
+    h2 = _zero_row(BLOCK_W, V)
+    h3 = _zero_row(BLOCK_W, V)
+    h4 = _zero_row(BLOCK_W, V)
+    h5 = _zero_row(BLOCK_W, V)
+    h6 = _zero_row(BLOCK_W, V)
+    h7 = _zero_row(BLOCK_W, V)
+    h8 = _zero_row(BLOCK_W, V)
+    h9 = _zero_row(BLOCK_W, V)
     # A loop, not ten inlined rows: straight-line code lets the compiler hoist every load (255 registers).
     for i in range(10):
-        h10 = _hrow(
-            x_img, y_img, row0 + i, height, width, cols, inv_range, cx, cy, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
-        )
+        h10 = _hrow(x_img, y_img, row0 + i, height, width, base, inv_range, cx, cy, taps, V)
         h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = h1, h2, h3, h4, h5, h6, h7, h8, h9, h10
-    acc = tl.zeros([BLOCK_W], dtype=tl.float64)
+    acc = tl.zeros(col_ok.shape, dtype=tl.float64)
     n_rows = tl.minimum(ROWS, out_h - row0)
     # Unrolled by the window's length, so the window turns through the names instead of being copied
     # register by register each row; steps past the tile's last row are computed (rows are clamped into
@@ -233,59 +275,50 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_r
         first = row0 + i + 10
         acc, h10 = _emit(
             acc, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, first + 0, i + 0 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h0 = _emit(
             acc, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, first + 1, i + 1 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h1 = _emit(
             acc, h2, h3, h4, h5, h6, h7, h8, h9, h10, h0, first + 2, i + 2 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h2 = _emit(
             acc, h3, h4, h5, h6, h7, h8, h9, h10, h0, h1, first + 3, i + 3 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h3 = _emit(
             acc, h4, h5, h6, h7, h8, h9, h10, h0, h1, h2, first + 4, i + 4 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h4 = _emit(
             acc, h5, h6, h7, h8, h9, h10, h0, h1, h2, h3, first + 5, i + 5 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h5 = _emit(
             acc, h6, h7, h8, h9, h10, h0, h1, h2, h3, h4, first + 6, i + 6 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h6 = _emit(
             acc, h7, h8, h9, h10, h0, h1, h2, h3, h4, h5, first + 7, i + 7 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h7 = _emit(
             acc, h8, h9, h10, h0, h1, h2, h3, h4, h5, h6, first + 8, i + 8 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h8 = _emit(
             acc, h9, h10, h0, h1, h2, h3, h4, h5, h6, h7, first + 9, i + 9 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
         acc, h9 = _emit(
             acc, h10, h0, h1, h2, h3, h4, h5, h6, h7, h8, first + 10, i + 10 < n_rows,
-            x_img, y_img, height, width, cols, col_ok, inv_range, cx, cy, c1, c2,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10,
+            x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
         )
+    if V > 1:
+        acc = tl.sum(acc, axis=1)
     return tl.sum(acc, axis=0)
 
 
@@ -294,6 +327,7 @@ def _ssim_tiles_kernel(
     x_ptr, y_ptr, table_ptr, shape_ptr, range_ptr, taps_ptr, partial_ptr,
     height, width, stride_n, inv_range, win, c1, c2, n_strips, n_tiles,
     RAGGED: tl.constexpr, RANGE_PER_IMAGE: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
+    COLS_PER_LANE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     c = tl.program_id(1)
@@ -313,7 +347,7 @@ def _ssim_tiles_kernel(
         plane = c * height * width
         total = _tile_sum(
             x_img + plane, y_img + plane, row0, col0, height, width, out_h, out_w, win // 2, inv_range, taps_ptr,
-            c1, c2, BLOCK_W, ROWS,
+            c1, c2, BLOCK_W, ROWS, COLS_PER_LANE,
         )
         slot = (n.to(tl.int64) * tl.num_programs(1) + c) * n_tiles + tile
         tl.store(partial_ptr + slot, total)
@@ -557,7 +591,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, geo: _Launch, window: _Window, dat
         ranges if ranges is not None else dummy, window.taps, partial,
         geo.height, geo.width, geo.stride_n, inv_range, window.win_size, window.c1, window.c2, tile_cols, n_tiles,
         RAGGED=geo.ragged, RANGE_PER_IMAGE=ranges is not None, BLOCK_W=tiles.block_w, ROWS=tiles.rows,
-        num_warps=tiles.num_warps,
+        COLS_PER_LANE=tiles.cols_per_lane, num_warps=tiles.num_warps,
     )
     _reduce_kernel[(geo.c, geo.n)](
         partial, geo.shapes if geo.ragged else dummy, out, geo.height, geo.width, window.win_size, tile_cols,

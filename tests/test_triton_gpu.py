@@ -237,3 +237,29 @@ def test_workspace_bytes_equal_the_measured_peak(shape, dtype):
     reported = triton_ssim.triton_workspace_bytes(*shape, dtype)
     # Equal up to the caching allocator's segment rounding of the two inputs (at most 2 MiB each).
     assert abs(measured - reported) <= 2 * 2 * 2**20, (measured, reported)
+
+
+# ------------------------------------------------- two columns per lane (offered to the benchmark's sweep)
+
+PAIRED = triton_ssim.TileConfig(128, 64, 2, 2)
+
+
+def _paired(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
+    window = triton_ssim._window(torch.device(DEVICE), win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
+    return triton_ssim._same_shape(x.to(DEVICE), y.to(DEVICE), data_range=data_range, window=window, tiles=PAIRED)
+
+
+def test_two_columns_per_lane_match_skimage_and_the_default_tiles():
+    img = data.coffee()  # 400 x 600: odd valid width per tile edge, several tiles each way
+    x = _chw(img)
+    distorted = _distortions(img, seed=3)
+    ys = torch.stack([_chw(distorted[name]) for name in DISTORTIONS])
+    xs = x[None].expand_as(ys).contiguous()
+    got = _paired(xs, ys, 255.0).cpu()
+    default = _kernel(xs, ys, 255.0).cpu()
+    # Other centring constants than one column per lane: equal to rounding, not to the bit.
+    assert _max_abs(got, default) <= 2e-7
+    for i in range(len(DISTORTIONS)):
+        assert _max_abs(got[i].tolist(), _skimage(x, ys[i], 255.0)) <= FP32_TOL
+    # Same pair, other batch: same bits, with this tile shape too.
+    assert torch.equal(_paired(xs[3:4], ys[3:4], 255.0).cpu()[0], got[3])

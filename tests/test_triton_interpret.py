@@ -35,8 +35,10 @@ from skimage.metrics import structural_similarity  # noqa: E402
 from ssim_ray import triton_ssim  # noqa: E402
 from ssim_ray.ssim import _wang_downsample, ssim, wang_downsample_factor  # noqa: E402
 
-# Small tiles, so that crops of a few dozen pixels span several tile rows and columns.
+# Small tiles, so that crops of a few dozen pixels span several tile rows and columns; the second computes
+# two adjacent columns per lane (the variant offered to the GPU benchmark).
 SMALL_TILES = (16, 8, 1)
+PAIRED_TILES = (16, 8, 1, 2)
 # fp32 moments on centred pixels against float64: the bound for the kernel.
 FP32_TOL = 1e-6
 CHILD_TIMEOUT_S = 240
@@ -105,6 +107,12 @@ def _cases() -> dict[str, dict]:
     cases["window_sized_11x11"] = {
         "x": one[0][None, :, :11, :11], "y": one[1][None, :, :11, :11], "data_range": 255.0,
     }
+    # Two columns per lane: a map one column wide (the lane's second column would read past the row), and an
+    # odd width, so that the last lane of a tile is pulled back over a column its neighbour owns.
+    cases["window_sized_paired"] = {**cases["window_sized_11x11"], "tiles": PAIRED_TILES}
+    cases["camera_odd_width_paired"] = {
+        "x": one[0][None, :, :30, :51], "y": one[1][None, :, :30, :51], "data_range": 255.0, "tiles": PAIRED_TILES,
+    }
     cases.update(_invariance_cases(pairs))
     cases["camera_noise_wang_downsampled"] = _downsampled_case()
     return cases
@@ -141,8 +149,10 @@ def _invariance_cases(pairs) -> dict[str, dict]:
     cases["ragged"] = {
         "xs": [tall[0], x, wide[0]], "ys": [tall[1], y, wide[1]], "data_range": 255.0, "tiles": SMALL_TILES,
     }
+    cases["ragged_paired"] = {**cases["ragged"], "tiles": PAIRED_TILES}
     for i, (a, b) in enumerate(zip(cases["ragged"]["xs"], cases["ragged"]["ys"])):
         cases[f"ragged_member{i}_alone"] = {"x": a[None], "y": b[None], "data_range": 255.0, "tiles": SMALL_TILES}
+        cases[f"ragged_member{i}_alone_paired"] = {**cases[f"ragged_member{i}_alone"], "tiles": PAIRED_TILES}
     u16x, u16y, _ = pairs["camera12bit_noise_u16"]
     cases["u16_range_tensor"] = {
         "x": torch.stack([u16x, u16x, u16x]), "y": torch.stack([u16y, u16y, u16y]),
@@ -253,8 +263,9 @@ def _child_compile(out_path: str) -> None:
         "taps_ptr": "*fp32", "partial_ptr": "*fp64", "height": "i32", "width": "i32", "stride_n": "i32",
         "inv_range": "fp32", "win": "i32", "c1": "fp32", "c2": "fp32", "n_strips": "i32", "n_tiles": "i32",
         "RAGGED": "constexpr", "RANGE_PER_IMAGE": "constexpr", "BLOCK_W": "constexpr", "ROWS": "constexpr",
+        "COLS_PER_LANE": "constexpr",
     }
-    constants = {"RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": 128, "ROWS": 64}
+    constants = {"RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": 128, "ROWS": 64, "COLS_PER_LANE": 1}
     source = ASTSource(fn=triton_ssim._ssim_tiles_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     Path(out_path).write_text(compiled.asm["ttgir"])
@@ -343,6 +354,15 @@ def test_dtype_carrying_the_same_values_gives_the_same_bits(results, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["window_sized_paired", "camera_odd_width_paired"])
+def test_two_columns_per_lane_match_own_float64_reference(results, name):
+    case = results["cases"][name]
+    taps = _window_f64(11, 1.5, True)
+    ref = _ssim_f64(case["x"][0, 0].numpy(), case["y"][0, 0].numpy(), 255.0, taps)
+    assert abs(_scores(results, name)[0][0] - ref) <= FP32_TOL
+
+
+@pytest.mark.slow
 def test_tile_shape_changes_only_the_fp64_summation(results):
     small, default = _scores(results, "camera_noise_small_tiles")[0], _scores(results, "camera_noise_u8")[0]
     # Same per-pixel values; sums grouped differently in fp64, then rounded to fp32: at most one fp32 ulp.
@@ -367,6 +387,10 @@ def test_ragged_batch_matches_each_pair_alone_bitwise(results):
     # Small tiles: the members span 4, 4 and 6 tiles of a 4 x 3 grid, so their slots differ from alone.
     for i, scores in enumerate(ragged):
         assert scores == _scores(results, f"ragged_member{i}_alone")[0]
+    for i, scores in enumerate(_scores(results, "ragged_paired")):
+        assert scores == _scores(results, f"ragged_member{i}_alone_paired")[0]
+        # Other centring constants than one column per lane: equal to rounding, not to the bit.
+        assert abs(scores[0] - ragged[i][0]) <= 2e-7
     taps = _window_f64(11, 1.5, True)
     for i, (x, y) in enumerate(zip(results["cases"]["ragged"]["xs"], results["cases"]["ragged"]["ys"])):
         assert abs(ragged[i][0] - _ssim_f64(x[0].numpy(), y[0].numpy(), 255.0, taps)) <= FP32_TOL
