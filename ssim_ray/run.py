@@ -133,6 +133,9 @@ class ShardDispatcher:
         self.inflight: Dict[ray.ObjectRef, Tuple[int, sources.Shard]] = {}
         self.per_actor: Dict[int, Deque[ray.ObjectRef]] = {i: deque() for i in range(len(actors))}
         self.pings: Dict[ray.ObjectRef, int] = {}
+        # Calls that were queued behind a call whose actor died: they never ran, whatever order their
+        # failures are collected in.
+        self.never_ran: set = set()
         self.done_pairs = 0
         self.failed_pairs = 0
 
@@ -194,13 +197,16 @@ class ShardDispatcher:
             return
         index, shard = self.inflight.pop(ref)
         # Calls on one actor run in order: the oldest unfinished one is the one that was running.
-        was_running = self.per_actor[index][0] == ref
+        was_running = self.per_actor[index][0] == ref and ref not in self.never_ran
         self.per_actor[index].remove(ref)
+        self.never_ran.discard(ref)
         try:
             self._record(ray.get(ref))
         except ray.exceptions.RayTaskError as exc:  # the shard raised: a real attempt
             self._on_failure(shard, exc, True)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            if was_running:
+                self.never_ran.update(self.per_actor[index])
             self._on_failure(shard, exc, was_running)
             if self._healthy(index):
                 self.pings[self.actors[index].ping.remote()] = index
