@@ -88,7 +88,7 @@ def plan_placement(cfg: AuditJobConfig) -> Placement:
     return Placement(device, num_workers, options, max(1, int(runtime.cpus_per_worker)), share)
 
 
-def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement) -> WorkerSpec:
+def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement, *, expected_pairs: int = 0) -> WorkerSpec:
     return WorkerSpec(
         source=cfg.source,
         ssim=cfg.ssim,
@@ -100,6 +100,7 @@ def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement) -> 
         torch_threads=placement.torch_threads,
         decode_threads=cfg.runtime.decode_threads,
         memory_share=placement.memory_share,
+        expected_pairs=expected_pairs,
     )
 
 
@@ -326,9 +327,11 @@ def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
 
 
 def _compute(cfg, plan, todo, output_url, placement: Placement, resumed_pairs: int) -> "ShardDispatcher":
-    spec = _worker_spec(cfg, output_url, placement)
+    num_actors = min(placement.num_workers, len(todo))
+    expected = sum(shard.num_pairs for shard in todo) // num_actors
+    spec = _worker_spec(cfg, output_url, placement, expected_pairs=expected)
     actor_class = ray.remote(ShardWorker).options(max_restarts=-1, max_task_retries=0, **placement.actor_options)
-    actors = [actor_class.remote(spec) for _ in range(min(placement.num_workers, len(todo)))]
+    actors = [actor_class.remote(spec) for _ in range(num_actors)]
     print(
         f"[ssim_ray] {len(actors)} {placement.device} actor(s) {placement.actor_options}",
         file=sys.stderr,
