@@ -163,8 +163,8 @@ def tile_sweep(sizes, device: str, timer) -> list[Row]:
         window = triton_ssim._window(x.device, win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
         for block_w, n_rows, warps, per_lane in TILE_CONFIGS:
             tiles = triton_ssim.TileConfig(block_w, n_rows, warps, per_lane)
-            fn = lambda _, t=tiles: triton_ssim._same_shape(x, y, data_range=255.0, window=window, tiles=t)  # noqa: E731
-            ms, note = _time_one(timer, fn, None)
+            ms, note = _time_one(timer, lambda _, t=tiles: triton_ssim._same_shape(
+                x, y, data_range=255.0, window=window, tiles=t), None)
             name = f"kernel tiles {block_w}x{n_rows}, {warps} warps, {per_lane} col/lane"
             rows.append(Row(name, "uint8", size, ms, note))
     return rows

@@ -13,7 +13,7 @@ Design (see also docs/BENCHMARKS.md, section "GPU"):
   the last 11 blurred rows in registers as a sliding window; each new row completes one output row, blurred
   vertically from that window. Nothing but the pixels is read from memory and nothing but one partial sum
   per tile is written, so each input pixel crosses DRAM about once (tile halos re-read from L2). A lane
-  computes one output column, or two or four adjacent ones sharing their loaded and squared pixels
+  computes one output column, or two adjacent ones sharing their loaded and squared pixels
   (`TileConfig.cols_per_lane`: fewer instructions per pixel, more registers; offered to the GPU benchmark).
 - Pixels are scaled by 1/L and centred before the moments are formed, each tile column on one of its own
   pixels (`x / L - c_j`): E[x^2] - mu^2 then cancels few fp32 bits in smooth regions, where it matters.
@@ -76,8 +76,9 @@ class TileConfig:
     cols_per_lane: int = 1
 
     def __post_init__(self) -> None:
-        if self.cols_per_lane not in (1, 2, 4) or self.block_w % self.cols_per_lane:
-            raise ValueError(f"cols_per_lane must be 1, 2 or 4 and divide block_w, got {self}")
+        # Four columns per lane compiled with register spills (sm_90, Triton 3.9), so it is not offered.
+        if self.cols_per_lane not in (1, 2) or self.block_w % self.cols_per_lane:
+            raise ValueError(f"cols_per_lane must be 1 or 2 and divide block_w, got {self}")
 
 
 DEFAULT_TILES = TileConfig()
@@ -99,13 +100,11 @@ _SIZES = ("height", "width", "stride_n", "win", "n_strips", "n_tiles")
 
 @_jit
 def _by_column(vals, V: tl.constexpr):
-    """One tensor from a lane's V output columns: (T,) for V = 1, else (T, V) with the column last."""
+    """One tensor from a lane's V output columns: (T,) for V = 1, (T, 2) with the column last for V = 2."""
     if V == 1:
         out = vals[0]
-    elif V == 2:
-        out = tl.join(vals[0], vals[1])
     else:
-        out = tl.reshape(tl.join(tl.join(vals[0], vals[2]), tl.join(vals[1], vals[3])), [vals[0].shape[0], 4])
+        out = tl.join(vals[0], vals[1])
     return out
 
 

@@ -432,7 +432,8 @@ def _u8(*shape: int, device: str = "cpu") -> torch.Tensor:
 @pytest.mark.parametrize(
     "x, y, options, error, message",
     [
-        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 17), {}, ValueError, r"same shape, got \(1, 1, 16, 16\) and \(1, 1, 16, 17\)"),
+        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 17), {}, ValueError,
+         r"same shape, got \(1, 1, 16, 16\) and \(1, 1, 16, 17\)"),
         (_u8(1, 16, 16), _u8(1, 16, 16), {}, ValueError, r"4 dimensions, got shape \(1, 16, 16\)"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16).float(), {}, TypeError, r"same dtype, got torch.uint8 and torch.float32"),
         (_u8(1, 1, 16, 16).double(), _u8(1, 1, 16, 16).double(), {}, TypeError, r"one of uint8, .*got torch.float64"),
@@ -443,8 +444,10 @@ def _u8(*shape: int, device: str = "cpu") -> torch.Tensor:
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": 0.0}, ValueError, r"data_range must be .*got 0.0"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": float("nan")}, ValueError, r"got nan"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": True}, ValueError, r"got True"),
-        (_u8(2, 1, 16, 16), _u8(2, 1, 16, 16), {"data_range": torch.ones(3)}, ValueError, r"shape \(2,\), got .* \(3,\)"),
-        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"k1": 0.0}, ValueError, r"k1 must be a positive finite number, got 0.0"),
+        (_u8(2, 1, 16, 16), _u8(2, 1, 16, 16), {"data_range": torch.ones(3)}, ValueError,
+         r"shape \(2,\), got .* \(3,\)"),
+        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"k1": 0.0}, ValueError,
+         r"k1 must be a positive finite number, got 0.0"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"sigma": -1.0}, ValueError, r"sigma must be .*got -1.0"),
         (_u8(1, 1, 16, 16, device="meta"), _u8(1, 1, 16, 16, device="meta"), {}, ValueError, r"device, got meta"),
         (_u8(65536, 1, 16, 16, device="meta"), _u8(65536, 1, 16, 16, device="meta"), {}, ValueError,
@@ -463,13 +466,19 @@ def test_invalid_input_names_expected_and_got(x, y, options, error, message):
         ([], [], r"non-empty and of equal length, got 0 and 0"),
         ([_u8(1, 16, 16)], [_u8(1, 16, 16), _u8(1, 16, 16)], r"got 1 and 2"),
         ([_u8(1, 16, 16), _u8(3, 16, 16)], [_u8(1, 16, 16), _u8(3, 16, 16)], r"xs\[0\] has 1, .*xs\[1\] has 3"),
-        ([_u8(1, 16, 16), _u8(1, 16, 20)], [_u8(1, 16, 16), _u8(1, 16, 21)], r"xs\[1\] and ys\[1\] must have the same shape"),
+        ([_u8(1, 16, 16), _u8(1, 16, 20)], [_u8(1, 16, 16), _u8(1, 16, 21)],
+         r"xs\[1\] and ys\[1\] must have the same shape"),
         ([_u8(1, 1, 16, 16)], [_u8(1, 1, 16, 16)], r"xs\[0\] must have 3 dimensions"),
     ],
 )
 def test_invalid_ragged_input_names_expected_and_got(xs, ys, message):
     with pytest.raises(ValueError, match=message):
         triton_ssim.ssim_per_channel_triton_ragged(xs, ys, data_range=255.0)
+
+
+def test_tile_config_refuses_untested_shapes():
+    with pytest.raises(ValueError, match=r"cols_per_lane must be 1 or 2 and divide block_w"):
+        triton_ssim.TileConfig(128, 64, 4, 4)
 
 
 def test_workspace_counts_inputs_and_grows_with_the_batch_only_by_the_kernels_own_buffers():
