@@ -30,6 +30,7 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -445,17 +446,23 @@ def _stitch(tile_maps: torch.Tensor, planes: int, height: int, width: int, win_s
 
 # --------------------------------------------------------------------------------------- kernel choice
 #
-# torch.compile turns the ~300 elementwise ops of a tile batch into a few fused, vectorised C++ loops (about
-# 20x faster than eager on CPU) but costs seconds to compile, in every process. Compiling only once a
-# process has spent COMPILE_AFTER_S seconds in the eager kernel keeps short runs (tests, small jobs, Ray
-# workers that score a handful of pairs) from paying for it, and costs a long run at most that much extra.
-# The bits are the same either way. SSIM_RAY_COMPILE=always|never|auto (default auto) overrides this.
+# torch.compile turns the ~300 elementwise ops of a tile batch into fused, vectorised C++ loops (about 10-20x
+# faster than eager on CPU) but costs seconds to compile, in every process. Compiling only once a process has
+# spent COMPILE_AFTER_S seconds in the eager kernel keeps short runs (tests, small jobs, Ray workers that
+# score a handful of pairs) from paying for it, and costs a long run at most that much extra. The bits are
+# the same either way. SSIM_RAY_COMPILE=always|never|auto (default auto) overrides this.
+#
+# The compiled kernel is single-threaded (no OpenMP) and torch.get_num_threads() Python threads take chunks
+# of tiles from a queue: OpenMP's barriers, several per chunk, made the kernel 5x slower with two threads
+# than with one whenever another process held a core (measured on a shared 2-core machine), while a queue
+# of independent chunks only loses the share of the busy core.
 
 COMPILE_AFTER_S = 3.0
 _EAGER_CHUNK = {"cpu": 64}  # tiles per eager call: bounds the memory of ~20 live temporaries
 _DEFAULT_EAGER_CHUNK = 1024
 _kernels: dict = {}
 _kernel_lock = threading.Lock()
+_pools: dict = {}
 
 
 def _compile_mode() -> str:
@@ -465,6 +472,13 @@ def _compile_mode() -> str:
     return mode
 
 
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _kernel_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssim_ray")
+        return _pools[threads]
+
+
 class _CompiledTiles:
     """The compiled tile kernel for one (dtype, window) on CPU, or the eager one until it pays to compile."""
 
@@ -472,6 +486,7 @@ class _CompiledTiles:
         self.taps = taps
         self.eager_seconds = 0.0
         self.compiled = None
+        self.ready_for_threads: set = set()
         self.failed: Optional[str] = None
 
     def wants_compile(self, mode: str) -> bool:
@@ -480,21 +495,36 @@ class _CompiledTiles:
         return mode == "always" or self.eager_seconds >= COMPILE_AFTER_S
 
     def compile(self) -> None:
+        import torch._inductor.config  # noqa: F401 - loaded here, not at import: only compiling needs it
+
         taps = self.taps
 
         def kernel(x, y, rows, cols, consts):
             return _tile_sums(x, y, rows, cols, consts, taps)
 
-        compiled = torch.compile(kernel, dynamic=None, fullgraph=True)
+        # torch.compile keeps its compiled variants on the function's code object, at most 8 of them; every
+        # runner's `kernel` shares one code object, so (dtype, window, thread count) variants would add up
+        # and hit that limit. A code object of its own per runner keeps them apart.
+        kernel.__code__ = kernel.__code__.replace(co_name=f"ssim_tiles_{id(self):x}")
+        self.compiled = torch.compile(kernel, dynamic=None, fullgraph=True)
 
-        def call(x, y, rows, cols, consts):
-            # The number of tiles is the one dynamic size: compiled once, for every image size and batch.
-            # (A count of 1 would be specialised by torch.compile, so `_chunked` never passes fewer than 2.)
-            for t in (x, y, rows, cols):
-                torch._dynamo.mark_dynamic(t, 0)
-            return compiled(x, y, rows, cols, consts)
+    def call(self, chunk: Tuple[torch.Tensor, ...], consts: torch.Tensor) -> torch.Tensor:
+        # The number of tiles is the one dynamic size: one kernel for every image size and batch. (A count
+        # of 1 would be specialised by torch.compile, so `_split` never makes chunks of fewer than 2.)
+        for t in chunk:
+            torch._dynamo.mark_dynamic(t, 0)
+        return self.compiled(*chunk, consts)
 
-        self.compiled = call
+    def compiled_sums(self, chunks: List[Tuple[torch.Tensor, ...]], consts: torch.Tensor) -> List[torch.Tensor]:
+        threads = torch.get_num_threads()
+        first = []
+        if threads not in self.ready_for_threads:
+            # torch.compile guards on the thread count: (re)compile here, single-threaded code, one at a time.
+            with _kernel_lock, torch._inductor.config.patch({"cpp.threads": 1}):
+                first = [self.call(chunks[0], consts)]
+                self.ready_for_threads.add(threads)
+        rest = chunks[len(first):]
+        return first + list(_pool(threads).map(lambda chunk: self.call(chunk, consts), rest))
 
     def sums(self, x, y, rows, cols, consts) -> torch.Tensor:
         """Tile sums: eager until compiling pays, compiled afterwards (same bits)."""
@@ -504,27 +534,35 @@ class _CompiledTiles:
                 self.compile()
         if self.compiled is None or mode == "never":
             start = time.perf_counter()
-            out = _chunked(lambda *a: _tile_sums(*a, self.taps), x, y, rows, cols, consts, _EAGER_CHUNK["cpu"])
+            chunks = _split(x, y, rows, cols, _EAGER_CHUNK["cpu"])
+            out = _join([_tile_sums(*chunk, consts, self.taps) for chunk in chunks], x.shape[0])
             self.eager_seconds += time.perf_counter() - start
             return out
+        chunks = _split(x, y, rows, cols, TILES_PER_CALL, min_tiles=2)
         try:
-            return _chunked(self.compiled, x, y, rows, cols, consts, TILES_PER_CALL, min_tiles=2)
-        except torch._dynamo.exc.TorchDynamoException as exc:  # e.g. no C++ compiler on this machine
+            return _join(self.compiled_sums(chunks, consts), x.shape[0])
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+            # e.g. no C++ compiler on this machine: said once, then the eager kernel (same bits)
             self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
             return self.sums(x, y, rows, cols, consts)
 
 
-def _chunked(kernel, x, y, rows, cols, consts, chunk: int, min_tiles: int = 1) -> torch.Tensor:
-    """Run `kernel` over the tiles `chunk` at a time, each call padded with empty tiles to `min_tiles`."""
-    out = []
+def _split(x, y, rows, cols, chunk: int, min_tiles: int = 1) -> List[Tuple[torch.Tensor, ...]]:
+    """Chunks of `chunk` tiles, the last one padded with empty tiles (rows = cols = 0) to `min_tiles`."""
+    chunks = []
     for start in range(0, x.shape[0], chunk):
-        parts = [t[start : start + chunk] for t in (x, y, rows, cols)]
+        parts = tuple(t[start : start + chunk] for t in (x, y, rows, cols))
         real = parts[0].shape[0]
-        if real < min_tiles:  # padding tiles have rows = cols = 0: nothing of them is summed
-            parts = [torch.cat([t, t.new_zeros((min_tiles - real,) + t.shape[1:])]) for t in parts]
-        out.append(kernel(*parts, consts)[:real])
-    return torch.cat(out)
+        if real < min_tiles:
+            parts = tuple(torch.cat([t, t.new_zeros((min_tiles - real,) + t.shape[1:])]) for t in parts)
+        chunks.append(parts)
+    return chunks
+
+
+def _join(sums: List[torch.Tensor], total: int) -> torch.Tensor:
+    """Per-chunk tile sums back into one (K,) tensor, padding tiles dropped."""
+    return torch.cat(sums)[:total]  # padding tiles exist only at the end of the last chunk
 
 
 def _tile_maps(x, y, rows, cols, consts, taps: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -537,8 +575,8 @@ def _tile_maps(x, y, rows, cols, consts, taps: List[float]) -> Tuple[torch.Tenso
 
 def _tile_sums_any_device(x, y, rows, cols, consts, taps: List[float]) -> torch.Tensor:
     if x.device.type != "cpu":
-        chunk = _EAGER_CHUNK.get(x.device.type, _DEFAULT_EAGER_CHUNK)
-        return _chunked(lambda *a: _tile_sums(*a, taps), x, y, rows, cols, consts, chunk)
+        chunks = _split(x, y, rows, cols, _EAGER_CHUNK.get(x.device.type, _DEFAULT_EAGER_CHUNK))
+        return _join([_tile_sums(*chunk, consts, taps) for chunk in chunks], x.shape[0])
     key = (consts.dtype, tuple(taps))
     with _kernel_lock:
         runner = _kernels.setdefault(key, _CompiledTiles(taps))
