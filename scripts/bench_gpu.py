@@ -35,7 +35,12 @@ from ssim_ray.ssim import ssim
 
 SIZES = ((64, 3, 256, 256), (8, 3, 512, 512), (2, 3, 2048, 2048))
 DRY_SIZES = ((2, 3, 48, 48),)
-TILE_CONFIGS = ((128, 64, 4, 1), (64, 64, 2, 1), (256, 64, 8, 1), (128, 128, 4, 1), (128, 64, 2, 2), (256, 64, 4, 2))
+# (block_w, rows, warps, columns per lane, unrolled rows); the module's default first. Unrolled shapes take
+# ~20 s each to compile, so they come last: if the step runs out of time, the rest is already written.
+TILE_CONFIGS = (
+    (128, 64, 4, 1, False), (64, 64, 2, 1, False), (256, 64, 8, 1, False), (128, 128, 4, 1, False),
+    (128, 64, 2, 2, False), (128, 64, 4, 1, True), (128, 64, 2, 2, True),
+)
 
 
 @dataclass
@@ -161,12 +166,13 @@ def tile_sweep(sizes, device: str, timer) -> list[Row]:
     for size in sizes:
         x, y = _inputs(size, device, seed=1)["u8"]
         window = triton_ssim._window(x.device, win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
-        for block_w, n_rows, warps, per_lane in TILE_CONFIGS:
-            tiles = triton_ssim.TileConfig(block_w, n_rows, warps, per_lane)
+        for block_w, n_rows, warps, per_lane, unroll in TILE_CONFIGS:
+            tiles = triton_ssim.TileConfig(block_w, n_rows, warps, per_lane, unroll)
             ms, note = _time_one(timer, lambda _, t=tiles: triton_ssim._same_shape(
                 x, y, data_range=255.0, window=window, tiles=t), None)
-            name = f"kernel tiles {block_w}x{n_rows}, {warps} warps, {per_lane} col/lane"
+            name = f"kernel tiles {block_w}x{n_rows}, {warps} warps, {per_lane} col/lane" + (", unrolled" * unroll)
             rows.append(Row(name, "uint8", size, ms, note))
+            print(f"  {size} {name}: {'%.4f ms' % ms if ms is not None else note}", flush=True)
     return rows
 
 
@@ -284,9 +290,17 @@ def environment(device: str) -> str:
     return "\n".join(lines)
 
 
+def _write(parts: list[str], out: Optional[str]) -> None:
+    """Print the newest section and rewrite the report: a step cut short by its timeout keeps what it had."""
+    print(parts[-1], flush=True)
+    if out:
+        with open(out, "w") as fh:
+            fh.write("\n\n".join(parts) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="also write the Markdown report here")
+    parser.add_argument("--out", help="also write the Markdown report here (rewritten after every section)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script, not the GPU")
     parser.add_argument("--skip-sweep", action="store_true", help="leave out the tile-shape sweep")
     args = parser.parse_args()
@@ -297,24 +311,19 @@ def main() -> None:
     timer = _timer(device)
     peers = _peers()
     bandwidth = copy_bandwidth(device, timer)
-    print(f"device copy bandwidth (read + write): {bandwidth:.0f} GB/s", flush=True)
-    parts = ["## Environment", environment(device), f"- copy bandwidth (read + write): {bandwidth:.0f} GB/s",
-             "## Throughput", throughput_table(throughput(sizes, device, timer, peers), bandwidth)]
-    print(parts[-1], flush=True)
+    parts = ["## Environment\n\n" + environment(device) + f"\n- copy bandwidth (read + write): {bandwidth:.0f} GB/s"]
+    _write(parts, args.out)
+    parts.append("## Throughput\n\n" + throughput_table(throughput(sizes, device, timer, peers), bandwidth))
+    _write(parts, args.out)
     acc = accuracy(device, peers, crop=24 if args.dry_run else 256, photos=1 if args.dry_run else 4)
     table = ["| method | inputs | max abs delta |", "|---|---|---:|"] + [f"| {m} | {d} | {v} |" for m, d, v in acc]
-    parts += ["## Accuracy: max |delta| per pair vs scikit-image float64 (photo crops, 6 distortions each)",
-              "\n".join(table)]
-    print(parts[-1], flush=True)
+    parts.append("## Accuracy: max |delta| per pair vs scikit-image float64 (photo crops, 6 distortions each)\n\n"
+                 + "\n".join(table))
+    _write(parts, args.out)
     if not args.skip_sweep:
         sweep = tile_sweep(sizes, device, timer)
-        parts += ["## Kernel tile shapes (uint8)", throughput_table(sweep, bandwidth)]
-        print(parts[-1], flush=True)
-    report = "\n\n".join(parts) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(report)
-    print(report)
+        parts.append("## Kernel tile shapes (uint8)\n\n" + throughput_table(sweep, bandwidth))
+        _write(parts, args.out)
 
 
 if __name__ == "__main__":

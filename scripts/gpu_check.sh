@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
 START=$SECONDS
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 declare -a RESULTS=()
 
 # Seconds a step may take: its own cap, or what is left of the budget (at least 20).
@@ -68,8 +68,8 @@ for name in ("ray", "hydra", "kornia", "pytorch_msssim", "torchmetrics", "skimag
         print(name, "NOT IMPORTABLE:", exc)
 PY
 
-step "gpu tests: Triton kernel" 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_gpu.py
-step "gpu tests: everything else" 90 python3 -m pytest -m gpu -q -p no:cacheprovider \
+step "gpu tests: Triton kernel" 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_gpu.py
+step "gpu tests: everything else" 75 python3 -m pytest -m gpu -q -p no:cacheprovider \
   --continue-on-collection-errors --ignore=tests/test_triton_gpu.py tests
 
 if [ -n "$FUSED_PID" ]; then
@@ -80,7 +80,7 @@ if [ -n "$FUSED_PID" ]; then
 fi
 [ -d /tmp/site_fused ] && export PYTHONPATH=/tmp/site_fused:$PYTHONPATH
 
-step "benchmark" 170 python3 scripts/bench_gpu.py --out "$OUT/bench_gpu.md"
+step "benchmark" 200 python3 scripts/bench_gpu.py --out "$OUT/bench_gpu.md"
 
 # The audit job end to end with one GPU actor. The lead finishes the job issue; a failure here is reported
 # and does not change the results above.

@@ -101,6 +101,7 @@ def _cases() -> dict[str, dict]:
     gray_x, gray_y, _ = pairs["chelsea_gray_blur_f32"]
     cases["chelsea_gray_blur_f16"] = {"x": gray_x[None].half(), "y": gray_y[None].half(), "data_range": 1.0}
     cases["camera_noise_small_tiles"] = {**cases["camera_noise_u8"], "tiles": SMALL_TILES}
+    cases["camera_noise_small_tiles_unrolled"] = {**cases["camera_noise_u8"], "tiles": SMALL_TILES + (1, True)}
     cases["chelsea_uniform7"] = {**cases["chelsea_jpeg30_u8"], "win_size": 7, "gaussian": False}
     cases["camera_gauss7_sigma1"] = {**cases["camera_noise_u8"], "win_size": 7, "sigma": 1.0}
     one = pairs["camera_noise_u8"]
@@ -263,11 +264,15 @@ def _child_compile(out_path: str) -> None:
         "taps_ptr": "*fp32", "partial_ptr": "*fp64", "height": "i32", "width": "i32", "stride_n": "i32",
         "inv_range": "fp32", "win": "i32", "c1": "fp32", "c2": "fp32", "n_strips": "i32", "n_tiles": "i32",
         "RAGGED": "constexpr", "RANGE_PER_IMAGE": "constexpr", "BLOCK_W": "constexpr", "ROWS": "constexpr",
-        "COLS_PER_LANE": "constexpr",
+        "COLS_PER_LANE": "constexpr", "UNROLL_ROWS": "constexpr",
     }
-    constants = {"RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": 128, "ROWS": 64, "COLS_PER_LANE": 1}
+    tiles = triton_ssim.DEFAULT_TILES
+    constants = {
+        "RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": tiles.block_w, "ROWS": tiles.rows,
+        "COLS_PER_LANE": tiles.cols_per_lane, "UNROLL_ROWS": tiles.unroll_rows,
+    }
     source = ASTSource(fn=triton_ssim._ssim_tiles_kernel, signature=signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
     Path(out_path).write_text(compiled.asm["ttgir"])
 
 
@@ -363,6 +368,12 @@ def test_two_columns_per_lane_match_own_float64_reference(results, name):
 
 
 @pytest.mark.slow
+def test_unrolled_row_loop_gives_the_same_bits(results):
+    # The same operations on the same values in the same order; only the names of the window rotate.
+    assert _scores(results, "camera_noise_small_tiles_unrolled") == _scores(results, "camera_noise_small_tiles")
+
+
+@pytest.mark.slow
 def test_tile_shape_changes_only_the_fp64_summation(results):
     small, default = _scores(results, "camera_noise_small_tiles")[0], _scores(results, "camera_noise_u8")[0]
     # Same per-pixel values; sums grouped differently in fp64, then rounded to fp32: at most one fp32 ulp.
@@ -418,8 +429,9 @@ def test_compiled_kernel_carries_the_whole_sliding_window(tmp_path):
     for loop in loops:
         carried = re.search(r"->\s*\((.*?)\)\s*:", loop)
         assert carried is not None, loop
-        window_rows = carried.group(1).count("tensor<128x2x2xf32")
-        assert window_rows >= 10, loop
+        # Ten window rows of four moments, each a (BLOCK_W,) float32 tensor.
+        window_values = carried.group(1).count(f"tensor<{triton_ssim.DEFAULT_TILES.block_w}xf32")
+        assert window_values >= 40, loop
 
 
 # --------------------------------------------------------------------------------------------- validation
