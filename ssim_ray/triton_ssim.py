@@ -29,7 +29,8 @@ Design (see also docs/BENCHMARKS.md, section "GPU"):
 - Ragged batches: one launch over a table of per-image addresses and extents; programs whose tile lies
   outside their image's valid map do nothing.
 
-Windows up to 11 taps are supported (shorter windows are zero-padded in the vertical sliding window).
+Windows up to 11 taps are supported: the window size is a compile-time constant (a shorter one loads only its
+own columns; its vertical sliding window is zero-padded to 11 rows, read from rows clamped into the image).
 
 References:
     Z. Wang, A. C. Bovik, H. R. Sheikh, E. P. Simoncelli, "Image quality assessment: from error visibility
@@ -99,7 +100,7 @@ def _jit(fn=None, *, do_not_specialize=()):
 
 # Sizes and counts are not specialised on (divisibility by 16, equality to 1): the loads use constant
 # offsets from a row pointer either way, and each specialisation would cost a compilation.
-_SIZES = ("height", "width", "stride_n", "win", "n_strips", "n_tiles")
+_SIZES = ("height", "width", "stride_n", "n_strips", "n_tiles")
 
 
 @_jit
@@ -124,12 +125,12 @@ def _zero_row(BLOCK_W: tl.constexpr, V: tl.constexpr):
 
 
 @_jit
-def _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, V: tl.constexpr):
+def _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, WIN: tl.constexpr, V: tl.constexpr):
     """Horizontal blur of the four moments (x, y, x^2 + y^2, xy) of one input row, as a tuple of four
     (BLOCK_W,) tensors, or (T, V) ones.
 
-    Lane t computes output columns base[t] .. base[t] + V - 1 from the V + 10 pixels from base[t]: each
-    pixel is loaded, converted, centred and squared once per lane, not once per tap.
+    Lane t computes output columns base[t] .. base[t] + V - 1 from the V + WIN - 1 pixels from base[t]:
+    each pixel is loaded, converted, centred and squared once per lane, not once per tap.
     """
     # Rows below the image are needed only by windows shorter than 11, whose extra taps are zero: any
     # finite row will do, so read the last one.
@@ -140,10 +141,10 @@ def _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, V: tl
     ys = ()
     squares = ()
     products = ()
-    for m in tl.static_range(V + 10):
+    for m in tl.static_range(V + WIN - 1):
         # Pointer plus a constant offset: no address arithmetic per tap. The caller clamps `base` so that
         # no load needs a mask, except the last V - 1 when the valid map is narrower than V columns.
-        if m > 10:
+        if m >= WIN:
             inside = base + m < width
             xv = tl.load(xp + m, mask=inside, other=0).to(tl.float32) * inv_range - cx
             yv = tl.load(yp + m, mask=inside, other=0).to(tl.float32) * inv_range - cy
@@ -163,7 +164,7 @@ def _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, V: tl
         sy = taps[0] * ys[u]
         ss = taps[0] * squares[u]
         sp = taps[0] * products[u]
-        for k in tl.static_range(1, 11):
+        for k in tl.static_range(1, WIN):
             sx += taps[k] * xs[u + k]
             sy += taps[k] * ys[u + k]
             ss += taps[k] * squares[u + k]
@@ -209,11 +210,12 @@ def _image_geometry(x_ptr, y_ptr, table_ptr, shape_ptr, n, height, width, stride
 @_jit
 def _emit(
     acc, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, row, row_ok,
-    x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V: tl.constexpr,
+    x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN: tl.constexpr,
+    V: tl.constexpr,
 ):
     """One output row: blur input `row` horizontally, finish the vertical blur over a0..a9 and it, and add
     the row's SSIM to the per-column sums `acc` (unless `row_ok` is false). Returns (acc, the new row)."""
-    new = _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, V)
+    new = _hrow(x_img, y_img, row, height, width, base, inv_range, cx, cy, taps, WIN, V)
     v = ()
     for j in tl.static_range(4):
         v = v + (taps[0] * a0[j] + taps[1] * a1[j] + taps[2] * a2[j] + taps[3] * a3[j] + taps[4] * a4[j]
@@ -229,7 +231,7 @@ def _columns(col0, out_w, BLOCK_W: tl.constexpr, V: tl.constexpr):
     """Each lane's first output column `base`, and which of its V columns are valid and its own."""
     lane = col0 + V * tl.arange(0, BLOCK_W // V)
     # Lanes past the valid map are pulled back inside it, so that no load needs a mask (column j reads
-    # j .. j + 10); what they compute again is left out of the sum.
+    # j .. j + win - 1); what they compute again is left out of the sum.
     base = tl.maximum(tl.minimum(lane, out_w - V), 0)
     if V == 1:
         col_ok = lane < out_w
@@ -240,15 +242,15 @@ def _columns(col0, out_w, BLOCK_W: tl.constexpr, V: tl.constexpr):
 
 
 @_jit
-def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_range, taps_ptr, c1, c2,
-              BLOCK_W: tl.constexpr, ROWS: tl.constexpr, V: tl.constexpr, UNROLL: tl.constexpr):
+def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, inv_range, taps_ptr, c1, c2,
+              WIN: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr, V: tl.constexpr, UNROLL: tl.constexpr):
     """fp64 sum of the SSIM map over one tile: ROWS output rows from row0, BLOCK_W columns from col0."""
     base, col_ok = _columns(col0, out_w, BLOCK_W, V)
     # Each lane's pixels are centred on one of them (at the centre of the tile's first window there):
     # E[x^2] - mu^2 then cancels few fp32 bits where it matters, in smooth regions. Any constant shared by
     # a window is exact in real arithmetic (variances and covariance are shift-invariant and the means get
     # it back); a global 0.5 L left 2e-6 on a contrast-changed photo, this ~1e-7.
-    centre = (row0 + half) * width + base + half
+    centre = (row0 + WIN // 2) * width + base + WIN // 2
     cx = tl.load(x_img + centre).to(tl.float32) * inv_range
     cy = tl.load(y_img + centre).to(tl.float32) * inv_range
     taps = ()
@@ -269,7 +271,7 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_r
     h9 = _zero_row(BLOCK_W, V)
     # A loop, not ten inlined rows: straight-line code lets the compiler hoist every load (255 registers).
     for i in range(10):
-        h10 = _hrow(x_img, y_img, row0 + i, height, width, base, inv_range, cx, cy, taps, V)
+        h10 = _hrow(x_img, y_img, row0 + i, height, width, base, inv_range, cx, cy, taps, WIN, V)
         h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = h1, h2, h3, h4, h5, h6, h7, h8, h9, h10
     acc = tl.zeros(col_ok.shape, dtype=tl.float64)
     n_rows = tl.minimum(ROWS, out_h - row0)
@@ -277,7 +279,7 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_r
         for i in range(n_rows):
             acc, h10 = _emit(
                 acc, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, row0 + i + 10, i < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = h1, h2, h3, h4, h5, h6, h7, h8, h9, h10
     else:
@@ -288,47 +290,47 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_r
             first = row0 + i + 10
             acc, h10 = _emit(
                 acc, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, first + 0, i + 0 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h0 = _emit(
                 acc, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, first + 1, i + 1 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h1 = _emit(
                 acc, h2, h3, h4, h5, h6, h7, h8, h9, h10, h0, first + 2, i + 2 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h2 = _emit(
                 acc, h3, h4, h5, h6, h7, h8, h9, h10, h0, h1, first + 3, i + 3 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h3 = _emit(
                 acc, h4, h5, h6, h7, h8, h9, h10, h0, h1, h2, first + 4, i + 4 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h4 = _emit(
                 acc, h5, h6, h7, h8, h9, h10, h0, h1, h2, h3, first + 5, i + 5 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h5 = _emit(
                 acc, h6, h7, h8, h9, h10, h0, h1, h2, h3, h4, first + 6, i + 6 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h6 = _emit(
                 acc, h7, h8, h9, h10, h0, h1, h2, h3, h4, h5, first + 7, i + 7 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h7 = _emit(
                 acc, h8, h9, h10, h0, h1, h2, h3, h4, h5, h6, first + 8, i + 8 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h8 = _emit(
                 acc, h9, h10, h0, h1, h2, h3, h4, h5, h6, h7, first + 9, i + 9 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
             acc, h9 = _emit(
                 acc, h10, h0, h1, h2, h3, h4, h5, h6, h7, h8, first + 10, i + 10 < n_rows,
-                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, V,
+                x_img, y_img, height, width, base, col_ok, inv_range, cx, cy, c1, c2, taps, WIN, V,
             )
     if V > 1:
         acc = tl.sum(acc, axis=1)
@@ -338,7 +340,7 @@ def _tile_sum(x_img, y_img, row0, col0, height, width, out_h, out_w, half, inv_r
 @_jit(do_not_specialize=_SIZES)
 def _ssim_tiles_kernel(
     x_ptr, y_ptr, table_ptr, shape_ptr, range_ptr, taps_ptr, partial_ptr,
-    height, width, stride_n, inv_range, win, c1, c2, n_strips, n_tiles,
+    height, width, stride_n, inv_range, c1, c2, n_strips, n_tiles, WIN: tl.constexpr,
     RAGGED: tl.constexpr, RANGE_PER_IMAGE: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
     COLS_PER_LANE: tl.constexpr, UNROLL_ROWS: tl.constexpr,
 ):
@@ -351,16 +353,16 @@ def _ssim_tiles_kernel(
     if RANGE_PER_IMAGE:
         # Same bits as the host's float32(1 / L) for a scalar range: divide in fp64, round once.
         inv_range = (1.0 / tl.load(range_ptr + n).to(tl.float64)).to(tl.float32)
-    out_h = height - win + 1
-    out_w = width - win + 1
+    out_h = height - WIN + 1
+    out_w = width - WIN + 1
     row0 = (tile // n_strips) * ROWS
     col0 = (tile % n_strips) * BLOCK_W
     # In a ragged batch the grid covers the largest image; tiles outside this one's map do nothing.
     if (row0 < out_h) & (col0 < out_w):
         plane = c * height * width
         total = _tile_sum(
-            x_img + plane, y_img + plane, row0, col0, height, width, out_h, out_w, win // 2, inv_range, taps_ptr,
-            c1, c2, BLOCK_W, ROWS, COLS_PER_LANE, UNROLL_ROWS,
+            x_img + plane, y_img + plane, row0, col0, height, width, out_h, out_w, inv_range, taps_ptr,
+            c1, c2, WIN, BLOCK_W, ROWS, COLS_PER_LANE, UNROLL_ROWS,
         )
         slot = (n.to(tl.int64) * tl.num_programs(1) + c) * n_tiles + tile
         tl.store(partial_ptr + slot, total)
@@ -602,9 +604,9 @@ def _launch(x: torch.Tensor, y: torch.Tensor, geo: _Launch, window: _Window, dat
     _ssim_tiles_kernel[(n_tiles, geo.c, geo.n)](
         x, y, geo.table if geo.ragged else dummy, geo.shapes if geo.ragged else dummy,
         ranges if ranges is not None else dummy, window.taps, partial,
-        geo.height, geo.width, geo.stride_n, inv_range, window.win_size, window.c1, window.c2, tile_cols, n_tiles,
-        RAGGED=geo.ragged, RANGE_PER_IMAGE=ranges is not None, BLOCK_W=tiles.block_w, ROWS=tiles.rows,
-        COLS_PER_LANE=tiles.cols_per_lane, UNROLL_ROWS=tiles.unroll_rows, num_warps=tiles.num_warps,
+        geo.height, geo.width, geo.stride_n, inv_range, window.c1, window.c2, tile_cols, n_tiles,
+        WIN=window.win_size, RAGGED=geo.ragged, RANGE_PER_IMAGE=ranges is not None, BLOCK_W=tiles.block_w,
+        ROWS=tiles.rows, COLS_PER_LANE=tiles.cols_per_lane, UNROLL_ROWS=tiles.unroll_rows, num_warps=tiles.num_warps,
     )
     _reduce_kernel[(geo.c, geo.n)](
         partial, geo.shapes if geo.ragged else dummy, out, geo.height, geo.width, window.win_size, tile_cols,

@@ -114,6 +114,7 @@ def _cases() -> dict[str, dict]:
     cases["camera_odd_width_paired"] = {
         "x": one[0][None, :, :30, :51], "y": one[1][None, :, :30, :51], "data_range": 255.0, "tiles": PAIRED_TILES,
     }
+    cases.update(_guarded_cases(pairs))
     cases.update(_invariance_cases(pairs))
     cases["camera_noise_wang_downsampled"] = _downsampled_case()
     return cases
@@ -128,6 +129,26 @@ def _downsampled_case() -> dict:
         "x": _wang_downsample(x.float(), f), "y": _wang_downsample(y.float(), f), "data_range": 255.0,
         "originals": (x, y), "factor": f,
     }
+
+
+def _guarded(img: torch.Tensor) -> torch.Tensor:
+    """`img` as float32 inside a buffer of NaN: a read outside the image would turn the score into NaN."""
+    guard = torch.full((64,), float("nan"))
+    buf = torch.cat([guard, img.float().flatten(), guard])
+    return buf[64 : 64 + img.numel()].view(1, *img.shape)
+
+
+def _guarded_cases(pairs) -> dict[str, dict]:
+    """Short windows and maps narrower than a lane's columns: the kernel must read only inside the image."""
+    x, y, _ = pairs["camera_noise_u8"]
+    cases = {}
+    for name, (h, w), win, tiles in (("guarded_win7", (9, 12), 7, SMALL_TILES), ("guarded_win7_paired", (9, 7), 7,
+                                     PAIRED_TILES), ("guarded_11x11_paired", (11, 11), 11, PAIRED_TILES)):
+        cases[name] = {
+            "x": _guarded(x[:, :h, :w]), "y": _guarded(y[:, :h, :w]), "data_range": 255.0, "win_size": win,
+            "gaussian": False, "tiles": tiles,
+        }
+    return cases
 
 
 def _invariance_cases(pairs) -> dict[str, dict]:
@@ -262,13 +283,13 @@ def _child_compile(out_path: str) -> None:
     signature = {
         "x_ptr": "*u8", "y_ptr": "*u8", "table_ptr": "*fp64", "shape_ptr": "*fp64", "range_ptr": "*fp64",
         "taps_ptr": "*fp32", "partial_ptr": "*fp64", "height": "i32", "width": "i32", "stride_n": "i32",
-        "inv_range": "fp32", "win": "i32", "c1": "fp32", "c2": "fp32", "n_strips": "i32", "n_tiles": "i32",
+        "inv_range": "fp32", "c1": "fp32", "c2": "fp32", "n_strips": "i32", "n_tiles": "i32", "WIN": "constexpr",
         "RAGGED": "constexpr", "RANGE_PER_IMAGE": "constexpr", "BLOCK_W": "constexpr", "ROWS": "constexpr",
         "COLS_PER_LANE": "constexpr", "UNROLL_ROWS": "constexpr",
     }
     tiles = triton_ssim.DEFAULT_TILES
     constants = {
-        "RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": tiles.block_w, "ROWS": tiles.rows,
+        "WIN": 11, "RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": tiles.block_w, "ROWS": tiles.rows,
         "COLS_PER_LANE": tiles.cols_per_lane, "UNROLL_ROWS": tiles.unroll_rows,
     }
     source = ASTSource(fn=triton_ssim._ssim_tiles_kernel, signature=signature, constexprs=constants)
@@ -365,6 +386,17 @@ def test_two_columns_per_lane_match_own_float64_reference(results, name):
     taps = _window_f64(11, 1.5, True)
     ref = _ssim_f64(case["x"][0, 0].numpy(), case["y"][0, 0].numpy(), 255.0, taps)
     assert abs(_scores(results, name)[0][0] - ref) <= FP32_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["guarded_win7", "guarded_win7_paired", "guarded_11x11_paired"])
+def test_reads_nothing_outside_the_image(results, name):
+    case = results["cases"][name]
+    taps = _window_f64(case["win_size"], 1.5, False)
+    ref = _ssim_f64(case["x"][0, 0].numpy(), case["y"][0, 0].numpy(), 255.0, taps)
+    got = _scores(results, name)[0][0]
+    assert np.isfinite(got), "a guard NaN outside the image reached the score"
+    assert abs(got - ref) <= FP32_TOL
 
 
 @pytest.mark.slow
