@@ -177,7 +177,8 @@ class RuntimeConfig:
     """Ray and actors.
 
     address: None starts a local Ray; `auto` or `host:port` joins a running cluster.
-    num_workers: actors; None: one per GPU, or on CPU as many as cpus allow given cpus_per_worker.
+    num_workers: actors; None: one per GPU, or on CPU one per (cpus_per_worker + decode_threads) CPUs of
+        each node, rounded up (run.cpu_actors).
     device: `auto` (CUDA where the actor is given a GPU, else CPU), `cpu` or `cuda`.
     """
 

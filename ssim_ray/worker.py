@@ -64,6 +64,10 @@ class ShardResult:
     worker: str
     device: str
     peak_rss_bytes: int = 0
+    # The actor process's CPU seconds (all its threads) when the shard started and finished: the driver
+    # takes each actor's span, which stays right when calls overlap.
+    cpu_started: float = 0.0
+    cpu_finished: float = 0.0
 
 
 def _result_row(pair: sources.LoadedPair, shard_id: str) -> dict:
@@ -207,7 +211,7 @@ class ShardComputer:
         return [rows[i] for i in sorted(rows)]
 
     def run_shard(self, shard: sources.Shard, passthrough_columns: tuple) -> ShardResult:
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         rows = self.compute_rows(shard)
         if len(rows) != shard.num_pairs:
             raise RuntimeError(
@@ -234,6 +238,8 @@ class ShardComputer:
             worker=f"{socket.gethostname()}:{os.getpid()}",
             device=str(self.device),
             peak_rss_bytes=peak_rss_bytes(),
+            cpu_started=cpu_started,
+            cpu_finished=time.process_time(),
         )
 
 
