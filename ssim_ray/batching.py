@@ -40,13 +40,14 @@ def bucket_key(image: torch.Tensor) -> BucketKey:
 
 @dataclasses.dataclass
 class ProbeRecord:
-    """What the probe measured for one bucket, for the summary."""
+    """What the probe measured for one bucket, for the summary; `bound_by` names the rule that set the size."""
 
     batch_size: int
     trial_pairs: int
     peak_bytes_per_pair: float
     budget_bytes: int
     ooms: int = 0
+    bound_by: str = "memory"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,6 +123,32 @@ class _PeakMeter:
         return _cpu_torch_peak_bytes(work)
 
 
+# ---------------------------------------------------------------- throughput cap on CPU
+
+# On the CPU, throughput does not grow with the batch: ssim() cuts every image into fixed tiles that its
+# kernel takes a few at a time, so one 256x256 RGB pair already fills it. It falls once a batch's working
+# set outgrows what the allocator keeps (worker.keep_large_blocks_in_heap: 1 GiB), at about 5e7 pixel
+# values: measured with scripts/bench_batch_curve.py on 2 EPYC cores, 256² RGB flat at 860-1,010 pairs/s
+# from 1 to 256 pairs (5e7 values) and 409 at 512; 1024² RGB flat at 59-62 from 1 to 16 and 27-36 at 32
+# and 64. A cap of 2**24 values per batch (85 pairs at 256², 21 at 512², 5 at 1024²) stays on the flat
+# part with a 3x margin, is large enough to amortise a call's overhead on small images, and lets decoding
+# overlap with compute inside a shard. GPUs have no such cap: their throughput grows with the batch until
+# memory runs out, which is the memory rule.
+CPU_BATCH_VALUES = 2**24
+
+
+def throughput_cap(device: torch.device, key: BucketKey) -> Optional[int]:
+    """The largest batch on the flat part of the device's measured throughput curve, or None (no cap).
+
+    Example:
+        >>> throughput_cap(torch.device("cpu"), BucketKey(3, 1024, 1024, "uint8"))
+        5
+    """
+    if device.type != "cpu":
+        return None
+    return max(1, CPU_BATCH_VALUES // (key.channels * key.height * key.width))
+
+
 # ---------------------------------------------------------------- the sizer
 
 
@@ -134,6 +161,7 @@ class BatchSizer:
         memory_fraction: share of the free memory a batch may take.
         max_size: cap on any batch size.
         share: the fraction of the device this actor owns (CPU actors on one node share its memory).
+        cap_throughput: also cap each size at `throughput_cap` (the job does; False: memory rule only).
 
     Example:
         >>> sizer = BatchSizer(torch.device("cpu"), fixed=8, memory_fraction=0.5, max_size=64)
@@ -149,12 +177,14 @@ class BatchSizer:
         memory_fraction: float,
         max_size: int,
         share: float = 1.0,
+        cap_throughput: bool = False,
     ) -> None:
         self.device = device
         self.fixed = fixed
         self.memory_fraction = memory_fraction
         self.max_size = max_size
         self.share = share
+        self.cap_throughput = cap_throughput
         self.records: Dict[BucketKey, ProbeRecord] = {}
         self._meter = _PeakMeter(device)
 
@@ -168,8 +198,10 @@ class BatchSizer:
     def probe(self, key: BucketKey, trial_pairs: int, run_trial: Callable[[], None]) -> int:
         """Run one trial batch of `trial_pairs` pairs, measure its peak and size the bucket from it.
 
-        The trial batch is real work (its results are kept by the caller), so probing costs nothing
-        but one small batch.
+        The size is the largest batch within the memory budget, capped by `max_size` and, with
+        `cap_throughput`, by `throughput_cap` (on the CPU: the measured flat part of the throughput curve). The trial batch is
+        real work (its results are kept by the caller), so probing costs nothing but one small batch
+        (and, on the CPU, the profiler: 10-40 ms per bucket, measured at 256²-1024² RGB).
 
         Raises:
             ProbeError: the trial's peak could not be measured (zero or negative).
@@ -182,8 +214,13 @@ class BatchSizer:
                 f"{trial_pairs} pairs of {key.label()}; cannot extrapolate. Set batch.size=<int>."
             )
         per_pair = peak / trial_pairs
-        size = max(1, min(self.max_size, int(budget // per_pair)))
-        self.records[key] = ProbeRecord(size, trial_pairs, per_pair, budget)
+        limits = {"memory": int(budget // per_pair), "max_size": self.max_size}
+        cap = throughput_cap(self.device, key) if self.cap_throughput else None
+        if cap is not None:
+            limits["cpu_throughput"] = cap
+        bound_by = min(limits, key=limits.get)
+        size = max(1, limits[bound_by])
+        self.records[key] = ProbeRecord(size, trial_pairs, per_pair, budget, bound_by=bound_by)
         return size
 
     def on_oom(self, key: BucketKey, failed_size: int) -> int:

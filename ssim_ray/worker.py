@@ -103,6 +103,7 @@ class ShardComputer:
             memory_fraction=spec.batch.memory_fraction,
             max_size=spec.batch.max_size,
             share=spec.memory_share,
+            cap_throughput=True,
         )
         self._warmed = False
 

@@ -77,3 +77,23 @@ def test_bucket_key_separates_shape_and_dtype():
     assert a == BucketKey(3, 10, 12, "uint8")
     assert a != bucket_key(torch.zeros(3, 10, 12, dtype=torch.uint16))
     assert a.label() == "3x10x12:uint8"
+
+
+def test_cpu_throughput_cap_bounds_the_memory_rule(monkeypatch):
+    monkeypatch.setattr(batching, "cpu_available_bytes", lambda: 64 * 2**30)
+    big = BucketKey(3, 1024, 1024, "uint8")
+    capped = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000, cap_throughput=True)
+    size = capped.probe(big, 2, _allocating_trial(16 * 2**20, 2))
+    # Memory alone would allow ~2,000 pairs; the measured flat part of the CPU curve ends far earlier.
+    assert size == batching.CPU_BATCH_VALUES // (3 * 1024 * 1024) == 5
+    assert capped.records[big].bound_by == "cpu_throughput"
+    small = BucketKey(1, 64, 96, "uint8")
+    assert capped.probe(small, 2, _allocating_trial(2**20, 2)) == batching.CPU_BATCH_VALUES // (64 * 96)
+    assert batching.throughput_cap(torch.device("cuda"), big) is None  # GPUs: memory rule only
+
+
+def test_memory_still_bounds_below_the_cap(monkeypatch):
+    monkeypatch.setattr(batching, "cpu_available_bytes", lambda: 300 * 2**20)
+    sizer = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000, cap_throughput=True)
+    assert sizer.probe(KEY, 2, _allocating_trial(64 * 2**20, 2)) == 2  # 150 MiB budget / 64 MiB per pair
+    assert sizer.records[KEY].bound_by == "memory"
