@@ -217,6 +217,20 @@ def table(batch: int, side: int, dtype: str, memory: dict, times: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_cases(text: str) -> list[tuple[int, int, str]]:
+    cases = []
+    for item in text.split(","):
+        try:
+            size, dtype = item.split(":")
+            batch, side = (int(v) for v in size.split("x"))
+        except ValueError:
+            raise ValueError(f"--cases items look like 16x256:float32, got {item!r}") from None
+        if dtype not in ("float32", "uint8"):
+            raise ValueError(f"--cases dtype must be float32 or uint8, got {dtype!r}")
+        cases.append((batch, side, dtype))
+    return cases
+
+
 def machine() -> str:
     model = "unknown"
     out = subprocess.run(["lscpu"], capture_output=True, text=True)
@@ -233,6 +247,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", default=",".join(f"{n}x{side}:{dtype}" for n, side, dtype in CASES),
+                        help="comma-separated NxSIDE:DTYPE, e.g. 16x256:float32,2x1024:uint8")
     parser.add_argument("--cold-compile", action="store_true",
                         help="first measure ssim_ray's first call with an empty torch.compile cache")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -247,7 +263,7 @@ def main() -> None:
             cold = run_in_fresh_process(Case("ssim_ray", 16, 256, "float32", args.threads),
                                         {**env, "TORCHINDUCTOR_CACHE_DIR": cache})
         print(f"ssim_ray first call with an empty compile cache (compiles the tile kernel): {cold['first_call_s']:.1f} s")
-    for batch, side, dtype in CASES:
+    for batch, side, dtype in parse_cases(args.cases):
         memory = {impl: run_in_fresh_process(Case(impl, batch, side, dtype, args.threads), env)
                   for impl in IMPLEMENTATIONS}
         times = time_interleaved(batch, side, dtype, args.threads, args.repeats)

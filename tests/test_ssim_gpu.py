@@ -67,7 +67,7 @@ def test_cuda_matches_cpu_fp64_on_real_photos(precision: str, tol: float) -> Non
 def test_cuda_other_dtypes_match_cpu_fp64(dtype: torch.dtype, data_range) -> None:
     x, y = distorted_photos(4)
     if dtype == torch.uint16:  # spread over 16 bits
-        x, y = (t.to(torch.int32) * 257).to(torch.uint16), (y.to(torch.int32) * 257).to(torch.uint16)
+        x, y = (x.to(torch.int32) * 257).to(torch.uint16), (y.to(torch.int32) * 257).to(torch.uint16)
     else:
         x, y = x.to(dtype), y.to(dtype)
     want = ssim(x, y, data_range=data_range, precision="fp64")
@@ -76,7 +76,7 @@ def test_cuda_other_dtypes_match_cpu_fp64(dtype: torch.dtype, data_range) -> Non
 
 
 def test_cuda_downsample_matches_cpu_fp64() -> None:
-    x, y = distorted_photos(2, size=300)
+    x, y = distorted_photos(2, size=256)
     x = torch.nn.functional.interpolate(x.double(), size=(770, 800), mode="bilinear").round().to(torch.uint8)
     y = torch.nn.functional.interpolate(y.double(), size=(770, 800), mode="bilinear").round().to(torch.uint8)
     want = ssim(x, y, downsample="wang", precision="fp64")

@@ -59,16 +59,21 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     return request.param
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp64"])
-@pytest.mark.parametrize("channels, height, width", [(3, 37, 53), (1, 64, 21), (4, 11, 300)])
+BATCH_CASES = [(kernel, precision, shape) for kernel in ("always", "never") for precision in ("fp32", "fp64")
+               for shape in ((3, 37, 53), (1, 64, 21), (4, 11, 300))
+               # The eager kernel is 10-20x slower (and thin images waste most of a tile): two cases of it.
+               if kernel == "always" or (precision, shape) in (("fp32", (3, 37, 53)), ("fp64", (1, 64, 21)))]
+
+
+@pytest.mark.parametrize("mode, precision, shape", BATCH_CASES)
 def test_every_batch_size_from_1_to_64_gives_the_same_bits(
-    kernel: str, precision: str, channels: int, height: int, width: int
+    monkeypatch: pytest.MonkeyPatch, mode: str, precision: str, shape: tuple
 ) -> None:
-    x, y = real_pairs(64, channels, height, width, seed=height)
+    monkeypatch.setenv("SSIM_RAY_COMPILE", mode)
+    x, y = real_pairs(64, *shape, seed=shape[1])
     want = alone(x, y, precision=precision)
     assert len(set(want[:, 0].tolist())) == 64  # 64 different pairs, not one repeated
-    # Every size with the compiled kernel; a spread of sizes with the eager one (20x slower, same ops).
-    sizes = range(1, 65) if kernel == "always" else (1, 2, 3, 5, 8, 13, 31, 64)
+    sizes = range(1, 65) if mode == "always" else (1, 5, 64)
     for size in sizes:
         got = torch.cat([ssim(x[i : i + size], y[i : i + size], per_channel=True, precision=precision)
                          for i in range(0, 64, size)])
@@ -192,13 +197,10 @@ def test_compiled_and_eager_kernels_give_the_same_bits(monkeypatch: pytest.Monke
     xs, ys = [x.to(dtype) for x in xs], [y.to(dtype) for y in ys]
     data_range = None if dtype in (torch.uint8, torch.uint16) else 255.0
     results = {}
-    for mode in ("never", "always"):
+    for mode in ("never", "always"):  # (other windows: the same code with other taps; each costs a compile)
         monkeypatch.setenv("SSIM_RAY_COMPILE", mode)
         results[mode] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision)
-        results[mode + "/uniform"] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision,
-                                          win_size=7, gaussian=False)
     assert torch.equal(results["never"], results["always"])
-    assert torch.equal(results["never/uniform"], results["always/uniform"])
 
 
 def test_each_compiled_kernel_has_its_own_code_object() -> None:
