@@ -694,9 +694,14 @@ def ssim(
     `skimage.metrics.structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=L)` to 1e-6 in fp32 and 1e-10 in fp64.
 
-    A pair's score has the same bits whatever batch it is computed in (size, position, ragged grouping),
-    and `ssim(x, y)` equals `mean_over_channels(ssim(x, y, per_channel=True))` bitwise, which is
-    `ssim(x, y, per_channel=True).mean(-1)` on CPU for up to 4 channels.
+    A pair's score has the same bits whatever batch it is computed in (size, position, ragged grouping,
+    thread count), and `ssim(x, y)` equals `mean_over_channels(ssim(x, y, per_channel=True))` bitwise,
+    which is `ssim(x, y, per_channel=True).mean(-1)` on CPU for up to 4 channels.
+
+    Speed on CPU: a process starts with an eager kernel and compiles a fused one with torch.compile once it
+    has spent a few seconds computing (same bits; needs a C++ compiler, else it stays eager with a
+    warning). SSIM_RAY_COMPILE=always compiles on the first call, =never never does. CUDA tensors run the
+    same torch code.
 
     Args:
         x: Reference image(s): (H, W), (C, H, W) or (N, C, H, W), or a list of (C, H, W) / (H, W) tensors of

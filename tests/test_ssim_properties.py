@@ -92,3 +92,11 @@ def test_dissimilar_pairs_score_low_and_similar_high() -> None:
     x = torch.rand(1, 1, 64, 64, generator=g)
     assert abs(float(ssim(x, torch.rand(1, 1, 64, 64, generator=g), data_range=1.0))) < 0.05
     assert float(ssim(x, (x + 0.01 * torch.rand(1, 1, 64, 64, generator=g)).clamp(0, 1), data_range=1.0)) > 0.95
+
+
+def test_empty_batch_gives_empty_scores_and_maps() -> None:
+    x = torch.zeros(0, 3, 40, 50, dtype=torch.uint8)
+    scores, maps = ssim(x, x, return_map=True)
+    assert scores.shape == (0,) and scores.dtype == torch.float32
+    assert maps.shape == (0, 3, 30, 40)
+    assert ssim(x, x, per_channel=True, precision="fp64").shape == (0, 3)
