@@ -294,7 +294,8 @@ def _wang_downsample(img: torch.Tensor, f: int) -> torch.Tensor:
     if f == 1:
         return img
     # Rows then columns of the separable box; one division at the end keeps integer sums exact.
-    return _box_decimate(_box_decimate(img, f, -2), f, -1) / float(f * f)
+    summed = _box_decimate(_box_decimate(img, f, -2), f, -1)
+    return summed / torch.full_like(summed[:1, :1, :1, :1], f * f)
 
 
 # ------------------------------------------------------------------------------------------- moments
@@ -614,7 +615,9 @@ def _per_channel_means(
     else:
         sums, ssim_map = _tile_sums_any_device(xt, yt, rows, cols, consts, taps), None
     plane_sums = _pairwise_sum_last(sums.reshape(planes, -1))
-    means = (plane_sums / ((height - win + 1) * (width - win + 1))).to(dtype)
+    # A tensor divisor: true division on every device (CUDA turns a scalar divisor into a reciprocal).
+    count_px = torch.full_like(plane_sums, (height - win + 1) * (width - win + 1))
+    means = (plane_sums / count_px).to(dtype)
     return means.reshape(count, channels), ssim_map
 
 
