@@ -585,12 +585,34 @@ def _tile_sums_any_device(x, y, rows, cols, consts, taps: List[float]) -> torch.
 # ------------------------------------------------------------------------------------------- compute
 
 
+TRITON_ENV = "SSIM_RAY_TRITON"
+
+
+def _fused_kernel(x: torch.Tensor, *, count: int, win: int, dtype: torch.dtype, return_map: bool):
+    """The Triton module when this batch goes to the fused kernel, else None.
+
+    Opt-in with SSIM_RAY_TRITON=on: the kernel matches this path within 1e-7 under Triton's interpreter
+    and compiles for sm_90, but it has not yet run on a GPU here, so it is not the default (issue 7).
+    It serves fp32/amp scores without maps, windows up to 11 taps and its grid's batch limit.
+    """
+    if os.environ.get(TRITON_ENV, "off") != "on" or return_map or dtype != torch.float32:
+        return None
+    from ssim_ray import triton_ssim
+
+    if x.dtype not in triton_ssim.SUPPORTED_DTYPES or win > triton_ssim.MAX_WIN_SIZE or count > 65535:
+        return None
+    on_device = x.is_cuda and triton_ssim.triton_available()
+    interpreted = x.device.type == "cpu" and triton_ssim._interpreted()
+    return triton_ssim if on_device or interpreted else None
+
+
 def _per_channel_means(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
     data_range: float,
     window: torch.Tensor,
+    window_spec: Tuple[int, float, bool],
     k1: float,
     k2: float,
     dtype: torch.dtype,
@@ -603,6 +625,13 @@ def _per_channel_means(
     """
     count, channels, height, width = x.shape
     win = window.numel()
+    fused = _fused_kernel(x, count=count, win=win, dtype=dtype, return_map=return_map)
+    if fused is not None:
+        win_size, sigma, gaussian = window_spec
+        means = fused.ssim_per_channel_triton(
+            x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian
+        )
+        return means, None
     taps = _taps_in(window, dtype)
     consts = torch.tensor([(k1 * data_range) ** 2, (k2 * data_range) ** 2], dtype=dtype, device=x.device)
     planes = count * channels
@@ -641,6 +670,7 @@ def _ssim_batch(
     *,
     data_range: Optional[float],
     window: torch.Tensor,
+    window_spec: Tuple[int, float, bool],
     k1: float,
     k2: float,
     downsample: Optional[str],
@@ -663,7 +693,8 @@ def _ssim_batch(
         empty_map = torch.empty(map_shape, dtype=dtype, device=x.device) if return_map else None
         return torch.empty(x.shape[:2], dtype=dtype, device=x.device), empty_map
     means, ssim_map = _per_channel_means(
-        x, y, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype, return_map=return_map
+        x, y, data_range=data_range, window=window, window_spec=window_spec, k1=k1, k2=k2, dtype=dtype,
+        return_map=return_map,
     )
     if not bool(torch.isfinite(means).all()):
         _raise_non_finite(x, y)
@@ -759,7 +790,8 @@ def ssim(
     _check_flag("per_channel", per_channel)
     _check_flag("return_map", return_map)
     window = gaussian_window_1d(win_size, sigma, gaussian=gaussian)
-    options = dict(data_range=data_range, window=window, k1=float(k1), k2=float(k2), downsample=downsample,
+    options = dict(data_range=data_range, window=window, window_spec=(int(win_size), float(sigma), bool(gaussian)),
+                   k1=float(k1), k2=float(k2), downsample=downsample,
                    precision=precision, return_map=return_map)
     if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
         scores, maps = _ssim_tensors(x, y, options)
