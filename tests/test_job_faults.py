@@ -3,6 +3,7 @@ every pair is in the results exactly once."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -43,6 +44,17 @@ def _running_shard_pids() -> list:
     return [int(pid) for pid in found.stdout.split()]
 
 
+def _kill_a_busy_actor(killed: list) -> None:
+    """SIGKILL one actor that is running a shard right now (waits up to 5 s for one)."""
+    for _ in range(500):
+        pids = _running_shard_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+            return
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return make_job_dataset(tmp_path / "data", photos=("camera", "astronaut", "coffee", "chelsea", "rocket"))
@@ -69,17 +81,8 @@ def test_actor_sigkilled_mid_shard_is_retried_and_job_completes(cluster, dataset
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     out = tmp_path / "out"
-    killed = []
-
-    def kill_a_busy_actor() -> None:
-        for _ in range(500):
-            pids = _running_shard_pids()
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.01)
-
+    killed: list = []
+    kill_a_busy_actor = functools.partial(_kill_a_busy_actor, killed)
     cfg = job_config(dataset.manifest, out, pairs_per_shard=12, address=cluster.address)
     cfg.ssim.precision = "fp64"  # slower shards: the kill lands inside one
     watcher = _when_committed(out, 1, kill_a_busy_actor)
@@ -109,17 +112,8 @@ def test_shard_failing_on_every_attempt_becomes_worker_failed_rows(cluster, data
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     out = tmp_path / "out"
-    killed = []
-
-    def kill_a_busy_actor() -> None:
-        for _ in range(500):
-            pids = _running_shard_pids()
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.01)
-
+    killed: list = []
+    kill_a_busy_actor = functools.partial(_kill_a_busy_actor, killed)
     cfg = job_config(dataset.manifest, out, pairs_per_shard=12, address=cluster.address)
     cfg.ssim.precision = "fp64"
     cfg.runtime.max_shard_attempts = 1  # the one attempt that is killed is the last
