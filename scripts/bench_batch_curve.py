@@ -132,8 +132,6 @@ def _probe(computer: ShardComputer, pool: List[sources.LoadedPair], curve: Curve
 def run_curve(side: int, args: argparse.Namespace, deadline: float) -> Curve:
     computer = ShardComputer(_spec(args.device, args.actors_per_node))
     pool = _pairs(side, DISTINCT_PAIRS)
-    if args.device == "cuda":
-        pool = [p for p in pool]  # pairs stay on the host, as decoded pairs do; _scores copies them over
     curve = Curve(side)
     _probe(computer, pool, curve)
     for size in args.batches:
@@ -181,7 +179,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def plot(curves: Sequence[Curve], path: Path, title: str) -> None:
     """Pairs/s (relative to each curve's best, so sizes share one axis) against log2 batch size."""
-    width, height, left, right, top, bottom = 900, 520, 80, 30, 60, 70
+    width, height, left, right, top, bottom = 900, 560, 80, 30, 100, 70
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((left, 15), title, fill="black", font=_font(18))
@@ -189,8 +187,8 @@ def plot(curves: Sequence[Curve], path: Path, title: str) -> None:
     y_of = lambda r: top + (height - top - bottom) * (1.1 - r) / 1.1  # noqa: E731
     _axes(draw, x_of, y_of, width, height, left, right, top, bottom)
     for index, curve in enumerate(curves):
-        _plot_curve(draw, curve, _COLOURS[index % len(_COLOURS)], x_of, y_of, legend_y=top + 10 + 22 * index,
-                    legend_x=width - right - 330)
+        _plot_curve(draw, curve, _COLOURS[index % len(_COLOURS)], x_of, y_of, legend_y=40 + 22 * index,
+                    legend_x=left)
     image.save(path)
 
 
@@ -206,7 +204,7 @@ def _axes(draw, x_of, y_of, width, height, left, right, top, bottom) -> None:
         draw.line((left, y, width - right, y), fill=(225, 225, 225) if share != 0.9 else (150, 150, 150))
         draw.text((left - 40, y - 7), f"{share:.1f}", fill="black", font=font)
     draw.text((width // 2 - 60, height - 30), "batch size (pairs)", fill="black", font=font)
-    draw.text((8, top - 25), "pairs/s ÷ best", fill="black", font=font)
+    draw.text((8, top - 20), "pairs/s relative to the best", fill="black", font=font)
 
 
 def _plot_curve(draw, curve: Curve, colour, x_of, y_of, *, legend_y: int, legend_x: int) -> None:
@@ -222,8 +220,9 @@ def _plot_curve(draw, curve: Curve, colour, x_of, y_of, *, legend_y: int, legend
         draw.polygon(((x, y - 14), (x - 7, y - 26), (x + 7, y - 26)), fill=colour)
     font = _font(13)
     draw.line((legend_x, legend_y + 7, legend_x + 24, legend_y + 7), fill=colour, width=3)
-    label = (f"{curve.side}x{curve.side} RGB: best {best.rate:.0f} pairs/s at {best.batch}; "
-             f"probe ▼ {curve.probe_batch}")
+    skipped = [p.batch for p in curve.points if p.why == "over the actor's memory budget"]
+    label = (f"{curve.side}x{curve.side} RGB: best {best.rate:.0f} pairs/s at {best.batch}; probe's choice "
+             f"(triangle) {curve.probe_batch}" + (f"; from {skipped[0]}: over memory budget" if skipped else ""))
     draw.text((legend_x + 30, legend_y), label, fill="black", font=font)
 
 
@@ -236,11 +235,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-batches", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run")
     parser.add_argument("--actors-per-node", type=int, default=None,
-                        help="memory share of the probe; default: the CPU count on cpu (one actor per core), 1 on cuda")
+                        help="memory share of the probe; default: the job's CPU placement (run.cpu_actors), 1 on cuda")
     parser.add_argument("--plot", type=Path, default=None, help="PNG to write (default docs/batch_curve_<device>.png)")
     args = parser.parse_args(argv)
     if args.actors_per_node is None:
-        args.actors_per_node = (os.cpu_count() or 1) if args.device == "cpu" else 1
+        from ssim_ray.config import RuntimeConfig
+        from ssim_ray.run import cpu_actors
+
+        runtime = RuntimeConfig()
+        args.actors_per_node = 1 if args.device == "cuda" else cpu_actors(
+            [float(os.cpu_count() or 1)], torch_threads=int(runtime.cpus_per_worker), decode_threads=runtime.decode_threads)
     return args
 
 

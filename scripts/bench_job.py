@@ -16,9 +16,11 @@ a contrast change kept as PNG files; made once into a cache folder), the same co
   settings), a PyTorch DataLoader with one worker per core + torchmetrics, and a Ray Data pipeline
   (read_parquet -> map_batches decode -> map_batches pytorch-msssim on an actor pool).
 
-Contenders run in turn, the order rotated each round; the table shows each one's median over the rounds,
-the ratio of the job to it, the 1-minute load average while it ran (the cores are shared), and the
-largest |score - scikit-image| over the pairs both computed. Copy the table into docs/BENCHMARKS.md.
+Contenders run in turn: each round the bounds and the job back to back, then the baselines, each group's
+order rotated every round. The table shows each one's median over the rounds, the ratio of the job to it,
+its CPU per pair and the cores it used (from /proc, every process it ran), the 1-minute load average while
+it ran (the cores are shared with other work), and the largest |score - scikit-image| over the pairs both
+computed; below it, the job against the combined bound round by round. Copy it into docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -567,6 +569,10 @@ def _table_rows(key: str, c: Contender, job_rate: float, reference: Dict[str, fl
     return rows
 
 
+def _bound_cpu(contenders: Dict[str, Contender]) -> float:
+    return contenders["decode"].median("cpu_ms_per_pair") + contenders["ssim"].median("cpu_ms_per_pair")
+
+
 def print_table(contenders: Dict[str, Contender], pairs: int, cores: int) -> None:
     """The markdown table: medians over rounds; the ratio is the job's processing rate to each row's."""
     job = contenders["job"]
@@ -586,6 +592,14 @@ def print_table(contenders: Dict[str, Contender], pairs: int, cores: int) -> Non
             cpu = sum(b.median("cpu_ms_per_pair") for b in bounds)
             print(f"| combined bound 1/(t_decode + t_ssim) | {_cells((rate, '.1f'), (job_rate / rate, '.2f'), (cpu, '.1f'))}"
                   " |  |  |  |")
+    if all(contenders.get(k) and contenders[k].results for k in ("decode", "ssim")):
+        # Each round ran every contender once, back to back: its own ratio compares like with like when
+        # the load of the shared machine drifts between rounds.
+        per_round = [j.rate * (1 / d.rate + 1 / s.rate)
+                     for j, d, s in zip(job.results, contenders["decode"].results, contenders["ssim"].results)]
+        print(f"\njob ÷ combined bound, round by round: {', '.join(f'{r:.2f}' for r in per_round)} "
+              f"(median {statistics.median(per_round):.2f}); CPU: bound {_bound_cpu(contenders):.1f} ms/pair "
+              f"÷ job {job.median('cpu_ms_per_pair'):.1f} = {_bound_cpu(contenders) / job.median('cpu_ms_per_pair'):.2f}")
     batches = [m.outcome.batch for m in job.results if m.outcome.batch]
     print(f"\njob batch size chosen by the probe: {sorted(set(batches))}. CPU ms/pair: the job's actors over "
           "processing (wall row: every process, start-up included); the SSIM bound's timed loops; otherwise every "
@@ -648,9 +662,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if len(rows) != args.pairs:
         raise SystemExit(f"the dataset has {len(rows)} pairs, asked for {args.pairs}")
     contenders = _contenders(args, manifest, rows, Path(tempfile.mkdtemp(prefix="bench_job-")))
-    keys = list(contenders)
+    # The bounds and the job run back to back (about a minute) and the slow baselines after them, each
+    # group's order rotated every round: the shared machine's load drifts less within a group.
+    groups = [[k for k in contenders if k in ("decode", "ssim") or k.startswith("job")],
+              [k for k in contenders if k in ("plain", "dataloader", "raydata")]]
     for round_index in range(args.repeats):
-        for key in keys[round_index % len(keys):] + keys[: round_index % len(keys)]:
+        order = [k for g in groups for k in g[round_index % max(1, len(g)):] + g[: round_index % max(1, len(g))]]
+        for key in order:
             result = measured(contenders[key].run)
             contenders[key].results.append(result)
             print(f"round {round_index + 1} {key}: {result.rate:.1f} pairs/s, {result.cpu_ms_per_pair:.1f} CPU ms/pair, "

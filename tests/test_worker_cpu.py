@@ -1,0 +1,68 @@
+"""A CPU actor's process set-up changes how fast ssim runs, never what it returns.
+
+`worker.configure_cpu_compute` compiles ssim's kernel with inductor's C++ wrapper (which releases the GIL)
+and keeps large blocks in glibc's heap. Each configuration runs in its own process, because the compiled
+kernel is built once per process: the scores of real photo pairs must have the same bits either way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+_SCORE_PAIRS = r"""
+import io, json, sys
+import numpy as np, torch
+from PIL import Image, ImageFilter
+from skimage import data
+from ssim_ray.worker import configure_cpu_compute
+
+configure_cpu_compute(torch_threads=1, compile_now=True, gil_free_kernel=sys.argv[1] == "1")
+from ssim_ray.ssim import ssim
+
+def jpeg(pixels, quality):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer))
+
+rng = np.random.RandomState(5)
+astronaut = data.astronaut()[:320, :384]
+coffee = data.coffee()[:320, :384]
+pairs = [
+    (astronaut, jpeg(astronaut, 30)),
+    (astronaut, np.clip(astronaut + 12 * rng.randn(*astronaut.shape), 0, 255).astype(np.uint8)),
+    (coffee, np.asarray(Image.fromarray(coffee).filter(ImageFilter.GaussianBlur(1.5)))),
+]
+x = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1) for a, _ in pairs])
+y = torch.stack([torch.from_numpy(np.array(b)).permute(2, 0, 1) for _, b in pairs])
+batched = ssim(x, y, per_channel=True).flatten().tolist()
+alone = [v for i in range(len(pairs)) for v in ssim(x[i : i + 1], y[i : i + 1], per_channel=True).flatten().tolist()]
+core = sys.modules["ssim_ray.ssim"]  # the package's `ssim` attribute is the function
+import torch._inductor.config as inductor_config
+compiled = [k.compiled is not None and k.failed is None for k in core._kernels.values()]
+print(json.dumps({"batched": [v.hex() for v in batched], "alone": [v.hex() for v in alone],
+                  "compiled": compiled, "cpp_wrapper": inductor_config.cpp_wrapper}))
+"""
+
+
+def _scores(gil_free: bool) -> dict:
+    run = subprocess.run([sys.executable, "-c", _SCORE_PAIRS, "1" if gil_free else "0"], capture_output=True,
+                         text=True, timeout=600, env={"SSIM_RAY_COMPILE": "always", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_gil_free_kernel_gives_the_same_bits_as_the_default_one():
+    with_cpp_wrapper, default = _scores(True), _scores(False)
+    # Both really ran the compiled kernel, one through each wrapper (a failed compile would fall back to
+    # the eager kernel and make the comparison empty).
+    assert with_cpp_wrapper["compiled"] == default["compiled"] == [True]
+    assert (with_cpp_wrapper["cpp_wrapper"], default["cpp_wrapper"]) == (True, False)
+    assert with_cpp_wrapper["batched"] == default["batched"]
+    assert with_cpp_wrapper["alone"] == with_cpp_wrapper["batched"]  # batch-invariant in the actor's set-up too
+    assert len(default["batched"]) == 9  # three RGB pairs, per channel
