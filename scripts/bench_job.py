@@ -30,6 +30,7 @@ import io
 import multiprocessing as mp
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -614,7 +615,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ssim_ray" / "bench_job")
     parser.add_argument("--only", nargs="*", default=None,
                         help="contenders to run: decode ssim job plain dataloader raydata (default: all)")
-    parser.add_argument("--pairs-per-shard", type=int, default=64)
+    parser.add_argument("--pairs-per-shard", type=int, default=None,
+                        help="default: what the job's parquet source uses (conf/source/parquet.yaml)")
     parser.add_argument("--job-variant", action="append", default=[],
                         help="an extra job run with config overrides, e.g. runtime.decode_threads=1,batch.size=16")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 pairs, one round")
@@ -624,6 +626,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.repeats = 64, 1
+    if args.pairs_per_shard is None:
+        source_defaults = Path(__file__).resolve().parent.parent / "conf" / "source" / "parquet.yaml"
+        args.pairs_per_shard = int(re.search(r"^pairs_per_shard:\s*(\d+)", source_defaults.read_text(), re.M).group(1))
     return args
 
 

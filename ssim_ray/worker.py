@@ -32,6 +32,11 @@ COMPUTE_ERROR = "compute_error"
 # eager one (measured at 256² and 512² RGB: 10.7 -> 2.0 and 52 -> 7 ms per pair), so it pays after about
 # 1e8 pixels; twice that keeps small jobs (and tests) on ssim's own policy (compile after 3 s of eager).
 COMPILE_NOW_MIN_PIXELS = 2e8
+# An actor that expects this many pairs compiles while it starts, before its first shard: 1024 pairs of
+# 256² RGB are the 2e8 above, and the compile is a start-up cost like torch's import, paid once per
+# process (~3 s with a warm on-disk cache, most of it Python that holds the GIL, so it cannot hide behind
+# the first shard's decoding: tried, no gain).
+COMPILE_AT_START_MIN_PAIRS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +164,21 @@ class ShardComputer:
             row["ssim"], row["ssim_per_channel"] = overall[i], per_channel_values[i]
             row["channels"], row["height"], row["width"] = (int(s) for s in pair.ref.shape)
 
+    def warm_up_at_start(self) -> bool:
+        """Compile the CPU kernel before the first shard if this actor expects enough pairs; True if it did."""
+        if self.spec.expected_pairs < COMPILE_AT_START_MIN_PAIRS:
+            return False
+        return self._compile_now()
+
     def _warm_up(self, key: BucketKey) -> None:
         """Compile the CPU kernel now, outside the probe, if this actor's expected work pays for it."""
-        if self._warmed or self.device.type != "cpu":
-            return
+        if self.spec.expected_pairs * key.channels * key.height * key.width >= COMPILE_NOW_MIN_PIXELS:
+            self._compile_now()
+
+    def _compile_now(self) -> bool:
+        if self._warmed or self.device.type != "cpu" or os.environ.get("SSIM_RAY_COMPILE"):
+            return False
         self._warmed = True
-        expected_pixels = self.spec.expected_pairs * key.channels * key.height * key.width
-        if expected_pixels < COMPILE_NOW_MIN_PIXELS or os.environ.get("SSIM_RAY_COMPILE"):
-            return
         os.environ["SSIM_RAY_COMPILE"] = "always"
         # One small pair compiles the kernel for every image size (its tiles have a fixed shape); doing it
         # here keeps the compiler's own allocations out of the memory probe's measurement.
@@ -175,6 +187,7 @@ class ShardComputer:
         cfg = self.spec.ssim
         ssim(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), win_size=cfg.win_size, sigma=cfg.sigma,
              gaussian=cfg.gaussian, precision=cfg.precision)
+        return True
 
     def _flush(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
         self._warm_up(key)
@@ -325,6 +338,7 @@ class ShardWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         configure_process(spec)
         self.computer = ShardComputer(spec)
+        self.computer.warm_up_at_start()
 
     def run_shard(self, shard: sources.Shard, passthrough_columns: tuple) -> ShardResult:
         return self.computer.run_shard(shard, passthrough_columns)

@@ -66,3 +66,32 @@ def test_gil_free_kernel_gives_the_same_bits_as_the_default_one():
     assert with_cpp_wrapper["batched"] == default["batched"]
     assert with_cpp_wrapper["alone"] == with_cpp_wrapper["batched"]  # batch-invariant in the actor's set-up too
     assert len(default["batched"]) == 9  # three RGB pairs, per channel
+
+
+_START_UP = r"""
+import json, os, sys
+from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
+from ssim_ray.worker import ShardComputer, WorkerSpec
+
+spec = WorkerSpec(source=SourceConfig(kind="sample"), ssim=SSIMConfig(), batch=BatchConfig(), summary=SummaryConfig(),
+                  output_url="unused", output_storage_options={}, device="cpu", torch_threads=1, decode_threads=1,
+                  memory_share=1.0, expected_pairs=int(sys.argv[1]))
+computer = ShardComputer(spec)
+compiled_now = computer.warm_up_at_start()
+core = sys.modules["ssim_ray.ssim"]
+kernels = [k.compiled is not None and k.failed is None for k in core._kernels.values()]
+print(json.dumps({"compiled_now": compiled_now, "kernels": kernels, "policy": os.environ.get("SSIM_RAY_COMPILE")}))
+"""
+
+
+@pytest.mark.parametrize("expected_pairs, compiles", [(5000, True), (100, False)])
+def test_an_actor_with_a_long_queue_compiles_before_its_first_shard(expected_pairs, compiles):
+    run = subprocess.run([sys.executable, "-c", _START_UP, str(expected_pairs)], capture_output=True, text=True,
+                         timeout=600, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    state = json.loads(run.stdout.strip().splitlines()[-1])
+    assert state["compiled_now"] is compiles
+    # Compiled before any shard: the kernel exists and ssim() will use it from the first batch on; a short
+    # queue leaves ssim's own policy (compile after 3 s of eager work) in charge.
+    assert state["kernels"] == ([True] if compiles else [])
+    assert state["policy"] == ("always" if compiles else None)
