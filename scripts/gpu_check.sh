@@ -100,6 +100,10 @@ print(json.dumps({k: s.get(k) for k in keys}, indent=1, default=str)[:2000])
 PY
 fi
 
+# Issue 6's batch-size curve on the GPU (256² and 1024², probe's choice marked), after everything above.
+step "batch-size curve" 90 python3 scripts/bench_batch_curve.py --device cuda --seconds-per-point 1 \
+  --max-seconds 75 --plot "$OUT/batch_curve_cuda.png"
+
 echo
 echo "=== SUMMARY (t=$((SECONDS - START))s) ==="
 printf '%s\n' "${RESULTS[@]}"
