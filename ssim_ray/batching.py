@@ -9,6 +9,8 @@ remembered too. A probe that cannot measure raises `ProbeError`: it never guesse
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 from typing import Callable, Dict, Optional
 
@@ -64,6 +66,10 @@ def _cpu_torch_peak_bytes(work: Callable[[], None]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto prints two "USDT ... profiler_start/stop" lines per session at its default level: one pair
+    # per shape bucket in every actor's log, streamed to the driver's terminal. Level 6 keeps it quiet;
+    # it is read when a session starts, and a level set by the user wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

@@ -97,3 +97,17 @@ def test_memory_still_bounds_below_the_cap(monkeypatch):
     sizer = BatchSizer(torch.device("cpu"), fixed=None, memory_fraction=0.5, max_size=10_000, cap_throughput=True)
     assert sizer.probe(KEY, 2, _allocating_trial(64 * 2**20, 2)) == 2  # 150 MiB budget / 64 MiB per pair
     assert sizer.records[KEY].bound_by == "memory"
+
+
+def test_cpu_probe_keeps_the_profilers_log_lines_out_of_the_users_terminal():
+    # Every actor's stderr streams to the driver's terminal; kineto would print two lines per probe.
+    import subprocess
+    import sys
+
+    script = ("import torch\nfrom ssim_ray.batching import _cpu_torch_peak_bytes\n"
+              "print(_cpu_torch_peak_bytes(lambda: torch.ones(1 << 20).sum()))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip().splitlines()[-1]) >= 4 << 20  # the 4 MiB tensor was measured
+    assert "profiler_start" not in run.stderr and "profiler_stop" not in run.stderr, run.stderr[-500:]
