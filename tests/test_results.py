@@ -168,6 +168,38 @@ def test_merge_detects_a_part_changed_behind_its_marker(tmp_path, rows):
     assert not (tmp_path / "ssim.parquet").exists() and not (tmp_path / "summary.json").exists()
 
 
+def test_merge_reads_parts_ahead_on_threads_and_keeps_plan_order(tmp_path, rows, monkeypatch):
+    import threading
+    import time
+
+    from ssim_ray import results
+
+    out = str(tmp_path)
+    sizes = [3] * 11  # 33 rows in 11 parts
+    shards = _write_all(out, rows, sizes=sizes)
+    reading, most, lock = [0], [0], threading.Lock()
+    read_part = results._read_part
+
+    def slow_read(fs, root, commit):  # a store with a round trip per part
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        time.sleep(0.05)
+        try:
+            return read_part(fs, root, commit)
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    monkeypatch.setattr(results, "_read_part", slow_read)
+    plan = sorted(shards)
+    merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG)
+    assert 2 <= most[0] <= results.MERGE_READ_AHEAD
+    merged = pq.read_table(tmp_path / "ssim.parquet")
+    assert merged["shard_id"].to_pylist() == [r["shard_id"] for s in plan for r in shards[s]]
+    assert merged["pair_id"].to_pylist() == [r["pair_id"] for s in plan for r in shards[s]]
+
+
 def test_merge_writes_every_row_once_in_plan_order_with_unified_passthrough_types(tmp_path, rows):
     out = str(tmp_path)
     shards = in_shards(rows, SHARD_SIZES)
