@@ -29,7 +29,6 @@ import argparse
 import io
 import multiprocessing as mp
 import os
-import platform
 import re
 import statistics
 import sys
@@ -540,17 +539,12 @@ def _max_delta(scores: Dict[str, float], reference: Dict[str, float]) -> Optiona
 
 def machine() -> str:
     """CPU model (lscpu's model name), cores and the versions that matter here."""
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     import ray
     import torch
 
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"ray {ray.__version__}, Pillow {Image.__version__}")
+    from bench_machine import machine as describe
+
+    return describe(f"torch {torch.__version__}", f"ray {ray.__version__}", f"Pillow {Image.__version__}")
 
 
 def _cells(*values: Tuple[Optional[float], str]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,13 +42,9 @@ def _memory_kib() -> Dict[str, int]:
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from bench_machine import machine
+
+    return machine()
 
 
 def _tiled_manifest(workdir: Path, rows: int) -> tuple:

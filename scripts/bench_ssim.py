@@ -232,14 +232,11 @@ def parse_cases(text: str) -> list[tuple[int, int, str]]:
 
 
 def machine() -> str:
-    model = "unknown"
-    out = subprocess.run(["lscpu"], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
     import torch
 
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
+    from bench_machine import cpu_model
+
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
             f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
 
 

@@ -9,9 +9,8 @@ remembered too. A probe that cannot measure raises `ProbeError`: it never guesse
 
 from __future__ import annotations
 
-import os
-
 import dataclasses
+import os
 from typing import Callable, Dict, Optional
 
 import torch

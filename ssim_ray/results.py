@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import itertools
 import json
 import posixpath
 import re
@@ -781,19 +782,13 @@ def _parts_in_order(fs: Any, root: str, commits: Sequence[ShardCommit], read_ahe
         for commit in commits:
             yield _read_part(fs, root, commit)
         return
+    upcoming = iter(commits)
     with ThreadPoolExecutor(max_workers=read_ahead, thread_name_prefix="merge-read") as pool:
-        in_flight: deque = deque()
-        upcoming = iter(commits)
+        in_flight = deque(pool.submit(_read_part, fs, root, c) for c in itertools.islice(upcoming, read_ahead))
         try:
-            for commit in upcoming:
-                in_flight.append(pool.submit(_read_part, fs, root, commit))
-                if len(in_flight) >= read_ahead:
-                    break
             while in_flight:
                 table = in_flight.popleft().result()  # raises the part's own error (CorruptShardError ...)
-                following = next(upcoming, None)
-                if following is not None:
-                    in_flight.append(pool.submit(_read_part, fs, root, following))
+                in_flight.extend(pool.submit(_read_part, fs, root, c) for c in itertools.islice(upcoming, 1))
                 yield table
         finally:
             for future in in_flight:

@@ -1,0 +1,23 @@
+"""The machine line the benchmark scripts print with their tables: CPU model, cores, Python, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as `lscpu` shows it (read from /proc/cpuinfo), or "unknown CPU"."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def machine(*versions: str) -> str:
+    """ "<CPU model>, <n> cores, Python <x.y.z>" followed by `versions` (e.g. "torch 2.13.0")."""
+    return ", ".join([cpu_model(), f"{os.cpu_count()} cores", f"Python {platform.python_version()}", *versions])
