@@ -14,9 +14,9 @@ import sys
 from typing import List, Optional
 
 from ssim_ray.config import AuditConfig, ReportConfig
-from ssim_ray.gates import evaluate_gates, exit_code
-from ssim_ray.report import make_report
-from ssim_ray.results import SUMMARY_FILE, output_filesystem
+from ssim_ray.output.gates import evaluate_gates, exit_code
+from ssim_ray.output.results import SUMMARY_FILE, output_filesystem
+from ssim_ray.report.html import make_report
 
 
 def _arguments(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -30,8 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ssim_ray import triton_ssim
-from ssim_ray.ssim import ssim
+from ssim_ray.metric import triton_ssim
+from ssim_ray.metric.structural import ssim
 
 SIZES = ((64, 3, 256, 256), (8, 3, 512, 512), (2, 3, 2048, 2048))
 DRY_SIZES = ((2, 3, 48, 48),)

@@ -310,7 +310,7 @@ def _ssim_bound_worker(rows, passes: int, barrier, results) -> None:
     import torch
 
     from ssim_ray.batching import bucket_key, throughput_cap
-    from ssim_ray.ssim import ssim
+    from ssim_ray.metric.structural import ssim
     from ssim_ray.worker import configure_cpu_compute
 
     configure_cpu_compute(torch_threads=1, compile_now=True)
@@ -502,7 +502,7 @@ def dispatch_rate(shards: int, actors: int) -> Tuple[float, float]:
     from ssim_ray.config import AuditJobConfig
     from ssim_ray.progress import Progress
     from ssim_ray.run import ShardDispatcher
-    from ssim_ray.sources import Plan, PrefixRows, Shard
+    from ssim_ray.sources.planning import Plan, PrefixRows, Shard
 
     todo = [Shard(f"{i:08d}-noop", 64, PrefixRows(keys=())) for i in range(shards)]
     plan = Plan(shards=tuple(todo), fingerprint="noop", total_pairs=64 * shards, passthrough_columns=())
@@ -541,7 +541,6 @@ def machine() -> str:
     """CPU model (lscpu's model name), cores and the versions that matter here."""
     import ray
     import torch
-
     from bench_machine import machine as describe
 
     return describe(f"torch {torch.__version__}", f"ray {ray.__version__}", f"Pillow {Image.__version__}")

@@ -46,9 +46,9 @@ def _wait_for(port: int, timeout: float = 30.0) -> None:
 
 
 def _merge(url: str, plan: dict, storage_options: dict, read_ahead: int) -> tuple:
-    from ssim_ray import results
     from ssim_ray.config import SummaryConfig
-    from ssim_ray.results import RunInfo, merge
+    from ssim_ray.output import results
+    from ssim_ray.output.results import RunInfo, merge
 
     results.MERGE_READ_AHEAD = read_ahead
     began = time.perf_counter()
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from ssim_ray import results
+    from ssim_ray.output import results
 
     default = results.MERGE_READ_AHEAD
     workdir = Path(tempfile.mkdtemp(prefix="bench_merge_io-"))

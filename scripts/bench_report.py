@@ -49,7 +49,7 @@ def _machine() -> str:
 
 def _tiled_manifest(workdir: Path, rows: int) -> tuple:
     """A Parquet manifest of `rows` pairs: the sample set repeated, ids made unique; and its base folder."""
-    from ssim_ray.sample import ensure_sample_dataset
+    from ssim_ray.sources.sample import ensure_sample_dataset
 
     sample_manifest = ensure_sample_dataset()
     sample = pq.read_table(sample_manifest)
@@ -65,7 +65,7 @@ def _tiled_manifest(workdir: Path, rows: int) -> tuple:
 
 def _result_table(manifest: pa.Table, shard_id: str, rng: np.random.Generator, passthrough: List[str]) -> pa.Table:
     """Synthetic but well-formed results for one shard's manifest rows."""
-    from ssim_ray.results import RESULT_SCHEMA
+    from ssim_ray.output.results import RESULT_SCHEMA
 
     n = manifest.num_rows
     failed = rng.random(n) < FAILURE_FRACTION
@@ -93,9 +93,9 @@ def build(workdir: Path, *, rows: int, parts: int) -> None:
     from dataclasses import asdict
 
     from ssim_ray.config import SourceConfig, SSIMConfig, SummaryConfig
-    from ssim_ray.results import build_run_manifest, check_resume_compatible, shard_stats, write_shard
-    from ssim_ray.sources import plan_shards
-    from ssim_ray.ssim import METRIC_NAME
+    from ssim_ray.metric.structural import METRIC_NAME
+    from ssim_ray.output.results import build_run_manifest, check_resume_compatible, shard_stats, write_shard
+    from ssim_ray.sources.planning import plan_shards
 
     manifest_url, base_url = _tiled_manifest(workdir, rows)
     source = SourceConfig(kind="parquet", url=manifest_url, base_url=base_url, pairs_per_shard=-(-rows // parts))
@@ -120,7 +120,7 @@ def build(workdir: Path, *, rows: int, parts: int) -> None:
 
 def phase_merge(workdir: Path) -> Dict[str, float]:
     from ssim_ray.config import AuditConfig, SummaryConfig
-    from ssim_ray.results import RunInfo, merge
+    from ssim_ray.output.results import RunInfo, merge
 
     plan = json.loads((workdir / "plan.json").read_text())
     before = _memory_kib()
@@ -137,7 +137,7 @@ def phase_merge(workdir: Path) -> Dict[str, float]:
 
 def phase_report(workdir: Path, worst_k: int) -> Dict[str, float]:
     from ssim_ray.config import ReportConfig
-    from ssim_ray.report import make_report
+    from ssim_ray.report.html import make_report
 
     before = _memory_kib()
     cpu = time.process_time()

@@ -19,10 +19,12 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import ray
 import ray.exceptions
 
-from ssim_ray import gates, report, results, sources
 from ssim_ray.config import AuditJobConfig
+from ssim_ray.metric.structural import metric_settings
+from ssim_ray.output import gates, results
 from ssim_ray.progress import Progress
-from ssim_ray.ssim import metric_settings
+from ssim_ray.report import html as report
+from ssim_ray.sources import planning as sources
 from ssim_ray.worker import ShardResult, ShardWorker, WorkerSpec
 
 WORKER_FAILED = "worker_failed"

@@ -18,10 +18,11 @@ from typing import Dict, List
 
 import torch
 
-from ssim_ray import results, sources
 from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memory
 from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
-from ssim_ray.ssim import mean_over_channels, ssim
+from ssim_ray.metric.structural import mean_over_channels, ssim
+from ssim_ray.output import results
+from ssim_ray.sources import planning as sources
 
 # Pairs in the probe's trial batch: enough to make the per-pair peak dominate fixed costs, small enough
 # to be cheap on the largest images.

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from ssim_ray.config import AuditJobConfig, BatchConfig, OutputConfig, RuntimeConfig, SourceConfig, SSIMConfig
-from ssim_ray.ssim import ssim
+from ssim_ray.metric.structural import ssim
 
 PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "moon", "page")
 # A few repeated shapes, so that shape buckets hold several pairs and batches are really batched.
@@ -146,7 +146,7 @@ def make_job_dataset(root: Path, *, photos=PHOTOS, seed: int = 7, with_bad: bool
 
 
 def direct_score(root: Path, reference: str, distorted: str) -> float:
-    """ssim_ray.ssim on the two files decoded directly with Pillow: the value the job must reproduce."""
+    """ssim_ray.ssim() on the two files decoded directly with Pillow: the value the job must reproduce."""
 
     def load(path: str) -> torch.Tensor:
         array = np.asarray(Image.open(root / path))

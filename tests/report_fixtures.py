@@ -163,9 +163,16 @@ def build_audit(folder: Path, *, audit) -> str:
     and re-read them; the rows' scores are skimage's. One failure message holds HTML to be escaped.
     """
     from ssim_ray.config import SourceConfig, SummaryConfig
-    from ssim_ray.results import RunInfo, check_resume_compatible, merge, rows_to_table, run_manifest
-    from ssim_ray.results import shard_stats, write_shard
-    from ssim_ray.sources import plan_shards
+    from ssim_ray.output.results import (
+        RunInfo,
+        check_resume_compatible,
+        merge,
+        rows_to_table,
+        run_manifest,
+        shard_stats,
+        write_shard,
+    )
+    from ssim_ray.sources.planning import plan_shards
 
     rows = photo_rows(folder / "images")
     rows[-2]["error"] = HOSTILE_ERROR  # the unreadable row: its message must reach the page escaped

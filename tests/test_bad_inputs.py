@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data
 
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources import STATUSES, ManifestError, iter_shard_pairs, plan_shards
+from ssim_ray.sources.planning import STATUSES, ManifestError, iter_shard_pairs, plan_shards
 
 
 def _png(pixels: np.ndarray) -> bytes:

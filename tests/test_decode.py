@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image
 from skimage import data
 
-from ssim_ray.decode import DecodeError, bt601_y, decode_image, luma_601, read_size
+from ssim_ray.sources.decode import DecodeError, bt601_y, decode_image, luma_601, read_size
 
 BIG = 10**8
 

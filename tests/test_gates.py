@@ -1,13 +1,13 @@
-"""Quality gates (ssim_ray.gates): each gate passes and fails on a real merged audit, with its exit code."""
+"""Quality gates (ssim_ray.output.gates): each gate passes and fails on a real merged audit, with its exit code."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from report_fixtures import in_shards, photo_rows
+
 from ssim_ray.config import AuditConfig, SummaryConfig
-from ssim_ray.gates import (
+from ssim_ray.output.gates import (
     EXIT_FAILURE_GATE,
     EXIT_INCOMPLETE,
     EXIT_OK,
@@ -15,7 +15,7 @@ from ssim_ray.gates import (
     evaluate_gates,
     exit_code,
 )
-from ssim_ray.results import RunInfo, merge, rows_to_table, shard_stats, write_shard
+from ssim_ray.output.results import RunInfo, merge, rows_to_table, shard_stats, write_shard
 
 PASSTHROUGH = ["distortion", "photo"]
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import ray
-
 from job_fixtures import direct_score, job_config, make_job_dataset, read_results, read_summary
-from ssim_ray import results
+
+from ssim_ray.output import results
 from ssim_ray.run import evaluate, merge_only
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The audit report (ssim_ray.report, jobs.report) on a real audit output of skimage photographs.
+"""The audit report (ssim_ray.report.html, jobs.report) on a real audit output of skimage photographs.
 
 The output is made by our own code: a Parquet manifest of real photos with real distortions, planned by
 sources.plan_shards, rows scored by the reference (skimage, Wang's settings), written and merged by
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from report_fixtures import HOSTILE_ERROR, WORST_K, build_audit
+
 from ssim_ray.config import AuditConfig, ReportConfig
-from ssim_ray.gates import EXIT_QUALITY_GATE
-from ssim_ray.report import (
+from ssim_ray.output.gates import EXIT_QUALITY_GATE
+from ssim_ray.report.html import (
     HIST_BINS,
     cdf_points,
     dense_histogram,

@@ -1,4 +1,4 @@
-"""Part files, commit markers, resume checks and the merge (ssim_ray.results) on real photo results."""
+"""Part files, commit markers, resume checks and the merge (ssim_ray.output.results) on real photo results."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from report_fixtures import in_shards, photo_rows
+
 from ssim_ray.config import SummaryConfig
-from ssim_ray.results import (
+from ssim_ray.output.results import (
     RESULT_COLUMNS,
     CorruptShardError,
     IncompleteMergeError,
@@ -172,7 +172,7 @@ def test_merge_reads_parts_ahead_on_threads_and_keeps_plan_order(tmp_path, rows,
     import threading
     import time
 
-    from ssim_ray import results
+    from ssim_ray.output import results
 
     out = str(tmp_path)
     sizes = [3] * 11  # 33 rows in 11 parts

@@ -13,8 +13,8 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sample import MANIFEST_NAME, SAMPLE_VERSION, ensure_sample_dataset
-from ssim_ray.sources import iter_shard_pairs, plan_shards
+from ssim_ray.sources.planning import iter_shard_pairs, plan_shards
+from ssim_ray.sources.sample import MANIFEST_NAME, SAMPLE_VERSION, ensure_sample_dataset
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_copies_list_the_set_again_with_unique_ids_without_remaking_it(sample_di
 _MAKER = textwrap.dedent(
     """
     import os, sys
-    from ssim_ray.sample import ensure_sample_dataset, MANIFEST_NAME, SAMPLE_VERSION
+    from ssim_ray.sources.sample import ensure_sample_dataset, MANIFEST_NAME, SAMPLE_VERSION
     cache = sys.argv[1]
     existed = os.path.exists(os.path.join(cache, SAMPLE_VERSION, MANIFEST_NAME))
     print(ensure_sample_dataset(cache_dir=cache), existed)

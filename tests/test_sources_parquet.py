@@ -15,9 +15,9 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
-import ssim_ray.sources as sources
+import ssim_ray.sources.planning as sources
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources import ManifestError, iter_shard_pairs, plan_shards
+from ssim_ray.sources.planning import ManifestError, iter_shard_pairs, plan_shards
 
 CAMERA_GOLDEN = 0.3579642362  # DESIGN.md §2: skimage's camera against its noisy camera, Wang's settings
 CHELSEA_GOLDEN = 0.4799434086

@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data
 
 from ssim_ray import ssim
-from ssim_ray.ssim import mean_over_channels
+from ssim_ray.metric.structural import mean_over_channels
 
 pytestmark = pytest.mark.gpu
 

@@ -20,7 +20,7 @@ from PIL import Image
 from skimage import data
 
 from ssim_ray import ssim
-from ssim_ray.ssim import mean_over_channels
+from ssim_ray.metric.structural import mean_over_channels
 
 
 def real_pairs(count: int, channels: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +177,7 @@ def test_repeated_calls_give_the_same_bits() -> None:
 RUN_IN_FRESH_PROCESS = """
 import sys, torch
 from ssim_ray import ssim
-from ssim_ray.ssim import mean_over_channels
+from ssim_ray.metric.structural import mean_over_channels
 x, y = torch.load(sys.argv[1])
 print(ssim(x, y, per_channel=True).double().numpy().tobytes().hex())
 """
@@ -215,7 +215,7 @@ def test_compiled_and_eager_kernels_give_the_same_bits(monkeypatch: pytest.Monke
 def test_each_compiled_kernel_has_its_own_code_object() -> None:
     """Regression: every (dtype, window) kernel once shared one code object, whose 8 torch.compile variants
     ran out after a few dtypes x windows x thread counts ('recompile limit exceeded' in the middle of a run)."""
-    from ssim_ray.ssim import _CompiledTiles
+    from ssim_ray.metric.structural import _CompiledTiles
 
     runners = [_CompiledTiles([1.0 / w] * w) for w in (3, 5, 7, 9, 11, 13, 15, 17, 19)]
     for runner in runners:

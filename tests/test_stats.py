@@ -1,4 +1,4 @@
-"""Mergeable statistics (ssim_ray.stats): merging shards' statistics equals computing them over all rows."""
+"""Mergeable statistics (ssim_ray.output.stats): merging shards' statistics equals computing them over all rows."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from report_fixtures import photo_rows
-from ssim_ray.stats import (
+
+from ssim_ray.output.results import rows_to_table
+from ssim_ray.output.stats import (
     GROUP_NULL,
     HIST_BINS,
     ScoreCollector,
@@ -23,7 +24,6 @@ from ssim_ray.stats import (
     stats_from_table,
     stats_to_json,
 )
-from ssim_ray.results import rows_to_table
 
 PASSTHROUGH = ["distortion", "photo"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssim_ray.ssim import ssim
+from ssim_ray.metric.structural import ssim
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys
 import numpy as np, torch
-from ssim_ray.ssim import ssim as metric
-from ssim_ray import triton_ssim
+from ssim_ray.metric.structural import ssim as metric
+from ssim_ray.metric import triton_ssim
 calls = []
 real = triton_ssim.ssim_per_channel_triton
 def spy(*args, **kwargs):

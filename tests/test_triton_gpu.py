@@ -16,8 +16,8 @@ from PIL import Image
 from skimage import data, filters
 from skimage.metrics import structural_similarity
 
-from ssim_ray import triton_ssim
-from ssim_ray.ssim import _wang_downsample, ssim, wang_downsample_factor
+from ssim_ray.metric import triton_ssim
+from ssim_ray.metric.structural import _wang_downsample, ssim, wang_downsample_factor
 
 pytestmark = pytest.mark.gpu
 

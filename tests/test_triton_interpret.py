@@ -1,7 +1,7 @@
 """The Triton SSIM kernel on the CPU (TRITON_INTERPRET=1), against float64 references on real photographs.
 
 Why a child process: triton reads TRITON_INTERPRET when a kernel is *decorated*, that is when
-`ssim_ray.triton_ssim` is first imported. Another test module, or `ssim_ray.ssim` dispatching to the kernel,
+`ssim_ray.metric.triton_ssim` is first imported. Another test module, or `ssim_ray.metric.structural` dispatching to the kernel,
 may import it first in this pytest process as compiled CUDA kernels, and setting the variable here would then
 change nothing (and setting it for the whole process would turn every other triton user into the
 interpreter). So this module writes its inputs to a file, runs this very file as a child with the variable
@@ -32,8 +32,8 @@ from PIL import Image  # noqa: E402
 from skimage import data, filters  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 
-from ssim_ray import triton_ssim  # noqa: E402
-from ssim_ray.ssim import _wang_downsample, ssim, wang_downsample_factor  # noqa: E402
+from ssim_ray.metric import triton_ssim  # noqa: E402
+from ssim_ray.metric.structural import _wang_downsample, ssim, wang_downsample_factor  # noqa: E402
 
 # Small tiles, so that crops of a few dozen pixels span several tile rows and columns; the second computes
 # two adjacent columns per lane (the variant offered to the GPU benchmark).
@@ -312,7 +312,7 @@ def _scores(results: dict, name: str) -> list[list[float]]:
 @pytest.mark.slow
 def test_child_ran_the_interpreter_and_dispatch_stays_off(results):
     assert results["out"]["interpreted"] is True
-    # The interpreter works on CPU tensors, but ssim_ray.ssim must never pick it as a fast path.
+    # The interpreter works on CPU tensors, but ssim_ray.metric.structural must never pick it as a fast path.
     assert results["out"]["triton_available"] is False
 
 

@@ -23,7 +23,7 @@ from skimage import data
 from ssim_ray.worker import configure_cpu_compute
 
 configure_cpu_compute(torch_threads=1, compile_now=True, gil_free_kernel=sys.argv[1] == "1")
-from ssim_ray.ssim import ssim
+from ssim_ray.metric.structural import ssim
 
 def jpeg(pixels, quality):
     buffer = io.BytesIO()
@@ -42,7 +42,7 @@ x = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1) for a, _ in pair
 y = torch.stack([torch.from_numpy(np.array(b)).permute(2, 0, 1) for _, b in pairs])
 batched = ssim(x, y, per_channel=True).flatten().tolist()
 alone = [v for i in range(len(pairs)) for v in ssim(x[i : i + 1], y[i : i + 1], per_channel=True).flatten().tolist()]
-core = sys.modules["ssim_ray.ssim"]  # the package's `ssim` attribute is the function
+core = sys.modules["ssim_ray.metric.structural"]  # the package's `ssim` attribute is the function
 import torch._inductor.config as inductor_config
 compiled = [k.compiled is not None and k.failed is None for k in core._kernels.values()]
 print(json.dumps({"batched": [v.hex() for v in batched], "alone": [v.hex() for v in alone],
@@ -78,7 +78,7 @@ spec = WorkerSpec(source=SourceConfig(kind="sample"), ssim=SSIMConfig(), batch=B
                   memory_share=1.0, expected_pairs=int(sys.argv[1]))
 computer = ShardComputer(spec)
 compiled_now = computer.warm_up_at_start()
-core = sys.modules["ssim_ray.ssim"]
+core = sys.modules["ssim_ray.metric.structural"]
 kernels = [k.compiled is not None and k.failed is None for k in core._kernels.values()]
 print(json.dumps({"compiled_now": compiled_now, "kernels": kernels, "policy": os.environ.get("SSIM_RAY_COMPILE")}))
 """

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ssim_ray.config import OUTPUT_MODES, AuditConfig, SummaryConfig
-from ssim_ray.stats import (
+from ssim_ray.output.stats import (
     ScoreCollector,
     ShardStats,
     empty_stats,
@@ -545,7 +545,7 @@ def run_manifest(*, plan: Any, cfg: Any) -> Dict[str, Any]:
         >>> run_manifest(plan=plan, cfg=AuditJobConfig())["metric"]["name"]
         'wang2004'
     """
-    from ssim_ray.ssim import METRIC_NAME
+    from ssim_ray.metric.structural import METRIC_NAME
 
     return build_run_manifest(
         plan_fingerprint=plan.fingerprint,

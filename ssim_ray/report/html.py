@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ssim_ray.config import AuditConfig, ReportConfig, SourceConfig, SSIMConfig
-from ssim_ray.results import RUN_MANIFEST, SUMMARY_FILE, output_filesystem, write_bytes
-from ssim_ray.stats import HIST_BINS, HIST_RANGE
+from ssim_ray.output.results import RUN_MANIFEST, SUMMARY_FILE, output_filesystem, write_bytes
+from ssim_ray.output.stats import HIST_BINS, HIST_RANGE
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -434,7 +434,7 @@ def worst_panels(worst: Sequence[Mapping[str, Any]], *, source_cfg: SourceConfig
         >>> worst_panels([], source_cfg=SourceConfig(), ssim_cfg=SSIMConfig())
         []
     """
-    from ssim_ray.sources import load_pairs, plan_shards
+    from ssim_ray.sources.planning import load_pairs, plan_shards
 
     panels = [WorstPanel(entry) for entry in worst]
     if not panels:
@@ -474,7 +474,7 @@ def _fill_panel(panel: WorstPanel, pair: Any, ssim_cfg: SSIMConfig) -> None:
     if pair.status != "ok":
         _noted([panel], f"re-reading the pair now gives status {pair.status!r}: {pair.error}")
         return
-    from ssim_ray.ssim import ssim
+    from ssim_ray.metric.structural import ssim
 
     score, ssim_map = ssim(pair.ref, pair.dist, data_range=pair.data_range, win_size=ssim_cfg.win_size,
                            sigma=ssim_cfg.sigma, k1=ssim_cfg.k1, k2=ssim_cfg.k2, gaussian=ssim_cfg.gaussian,
@@ -684,7 +684,7 @@ def _facts_section(summary: Mapping[str, Any], output_url: str) -> str:
 
 
 def _gates_section(summary: Mapping[str, Any]) -> str:
-    from ssim_ray.gates import evaluate_gates, exit_code
+    from ssim_ray.output.gates import evaluate_gates, exit_code
 
     audit = summary.get("audit")
     if not audit or not any(v is not None for v in audit.values()):
@@ -888,7 +888,7 @@ def make_report(
     worst_started = time.perf_counter()
     panels = _panels(fs, root, worst, source_cfg=source_cfg, ssim_cfg=ssim_cfg)
     worst_seconds = time.perf_counter() - worst_started
-    from ssim_ray.results import scrub_secrets
+    from ssim_ray.output.results import scrub_secrets
 
     page = render_html(summary, plots=plots, panels=panels, output_url=scrub_secrets(output_url))
     plot_paths = []

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.decode import DecodeError, DecodedImage, decode_image, describe_bytes
-from ssim_ray.ssim import output_size
-from ssim_ray.storage import PathEscapeError, open_url, read_bytes, redact_url, resolve_path
+from ssim_ray.metric.structural import output_size
+from ssim_ray.sources.decode import DecodedImage, DecodeError, decode_image, describe_bytes
+from ssim_ray.sources.storage import PathEscapeError, open_url, read_bytes, redact_url, resolve_path
 
 __all__ = [
     "STATUSES", "LoadedPair", "ManifestError", "ParquetRows", "Plan", "PrefixRows", "Shard",
@@ -162,7 +162,7 @@ def plan_shards(cfg: SourceConfig) -> Plan:
 
 
 def _plan_sample(cfg: SourceConfig) -> Plan:
-    from ssim_ray.sample import SAMPLE_VERSION, ensure_sample_dataset
+    from ssim_ray.sources.sample import SAMPLE_VERSION, ensure_sample_dataset
 
     manifest_url = ensure_sample_dataset(cache_dir=cfg.cache_dir)
     sample_cfg = dataclasses.replace(
@@ -352,7 +352,7 @@ def _parquet_rows(shard: Shard, source: SourceConfig, *, batch_size: int) -> Ite
     rows: ParquetRows = shard.rows
     file_url, base_url = rows.file_url, rows.base_url
     if file_url is None:
-        from ssim_ray.sample import ensure_sample_dataset
+        from ssim_ray.sources.sample import ensure_sample_dataset
 
         file_url = ensure_sample_dataset(cache_dir=source.cache_dir)
         base_url = file_url.rsplit("/", 1)[0]

@@ -1,6 +1,6 @@
 """The `wang2004` SSIM as one fused Triton kernel: per-image, per-channel means straight from the pixels.
 
-The torch path in `ssim_ray.ssim` is the oracle and the CPU path; this module is its fast path on CUDA.
+The torch path in `ssim_ray.metric.structural` is the oracle and the CPU path; this module is its fast path on CUDA.
 
 Design (see also docs/BENCHMARKS.md, section "GPU"):
 
@@ -398,7 +398,7 @@ def triton_available() -> bool:
         True when `ssim_per_channel_triton` accepts CUDA tensors on this machine.
 
     Example:
-        >>> from ssim_ray.triton_ssim import triton_available
+        >>> from ssim_ray.metric.triton_ssim import triton_available
         >>> triton_available() in (True, False)
         True
     """
@@ -451,7 +451,7 @@ def triton_workspace_bytes(
 
     Example:
         >>> import torch
-        >>> from ssim_ray.triton_ssim import triton_workspace_bytes
+        >>> from ssim_ray.metric.triton_ssim import triton_workspace_bytes
         >>> triton_workspace_bytes(64, 3, 256, 256, torch.uint8) > 2 * 64 * 3 * 256 * 256
         True
     """
@@ -496,9 +496,9 @@ class _Launch:
 @functools.lru_cache(maxsize=16)
 def _taps_on(device: torch.device, win_size: int, sigma: float, gaussian: bool) -> torch.Tensor:
     # Cached per device: uploading 11 floats on every call would cost a host-to-device copy each time.
-    # Imported here, not at the top: ssim_ray.ssim dispatches to this module, so a top-level import would be
+    # Imported here, not at the top: ssim_ray.metric.structural dispatches to this module, so a top-level import would be
     # circular. The window is the torch path's own, rounded to float32 as its fp32 path rounds it.
-    from ssim_ray.ssim import gaussian_window_1d
+    from ssim_ray.metric.structural import gaussian_window_1d
 
     taps = torch.zeros(MAX_WIN_SIZE, dtype=torch.float32)
     taps[:win_size] = gaussian_window_1d(win_size, sigma, gaussian=gaussian).to(torch.float32)
@@ -576,7 +576,7 @@ def _check_range(data_range: DataRange, n: int) -> None:
                 f"a tensor data_range must be floating point of shape ({n},), "
                 f"got {data_range.dtype} of shape {tuple(data_range.shape)}"
             )
-        # Values are not checked here: that would wait for the device. ssim_ray.ssim validates them.
+        # Values are not checked here: that would wait for the device. ssim_ray.metric.structural validates them.
         return
     if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not 0 < data_range < math.inf:
         raise ValueError(f"data_range must be a positive finite number or a ({n},) tensor, got {data_range!r}")
@@ -654,7 +654,7 @@ def ssim_per_channel_triton(
 
     Example:
         >>> import torch
-        >>> from ssim_ray.triton_ssim import ssim_per_channel_triton
+        >>> from ssim_ray.metric.triton_ssim import ssim_per_channel_triton
         >>> x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, device="cuda")  # doctest: +SKIP
         >>> ssim_per_channel_triton(x, x, data_range=255.0)  # doctest: +SKIP
         tensor([[1., 1., 1.], ...], device='cuda:0')
@@ -715,7 +715,7 @@ def ssim_per_channel_triton_ragged(
 
     Example:
         >>> import torch
-        >>> from ssim_ray.triton_ssim import ssim_per_channel_triton_ragged
+        >>> from ssim_ray.metric.triton_ssim import ssim_per_channel_triton_ragged
         >>> xs = [torch.randint(0, 256, (3, h, 64), dtype=torch.uint8, device="cuda")  # doctest: +SKIP
         ...       for h in (32, 48)]
         >>> ssim_per_channel_triton_ragged(xs, xs, data_range=255.0).shape  # doctest: +SKIP

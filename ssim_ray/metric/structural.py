@@ -597,7 +597,7 @@ def _fused_kernel(x: torch.Tensor, *, count: int, win: int, dtype: torch.dtype, 
     """
     if os.environ.get(TRITON_ENV, "off") != "on" or return_map or dtype != torch.float32:
         return None
-    from ssim_ray import triton_ssim
+    from ssim_ray.metric import triton_ssim
 
     if x.dtype not in triton_ssim.SUPPORTED_DTYPES or win > triton_ssim.MAX_WIN_SIZE or count > 65535:
         return None

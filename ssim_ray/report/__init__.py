@@ -1,0 +1,1 @@
+"""The HTML audit report and its plots, made from summary.json. Never imports the job."""
