@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ssim_ray.secrets import reject_credentials
+
 SOURCE_KINDS = ("sample", "parquet", "prefix")
 COLOR_POLICIES = ("rgb", "gray", "y")
 ALPHA_POLICIES = ("drop", "error")
@@ -26,27 +28,6 @@ DEVICES = ("auto", "cpu", "cuda")
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-_CREDENTIAL_WORDS = ("secret", "token", "password", "passwd", "credential", "access_key", "sas", "account_key")
-
-
-def reject_credentials(name: str, options: Any) -> None:
-    """Refuse credentials in storage options: Hydra saves the config and overrides in the run folder.
-
-    Credentials must come from the environment or fsspec's own configuration instead.
-    """
-    if not isinstance(options, dict):
-        return
-    for key, value in options.items():
-        lowered = str(key).lower()
-        if lowered == "key" or any(word in lowered for word in _CREDENTIAL_WORDS):
-            raise ValueError(
-                f"{name}.{key}: credentials are not accepted in the config (Hydra writes it to disk); "
-                "set them in the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or in "
-                "fsspec's own configuration"
-            )
-        reject_credentials(f"{name}.{key}", value)
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import ray
 import ray.exceptions
 
+from ssim_ray import statuses
 from ssim_ray.config import AuditJobConfig
 from ssim_ray.metric.structural import metric_settings
 from ssim_ray.output import gates, results
@@ -27,7 +28,6 @@ from ssim_ray.report import html as report
 from ssim_ray.sources import planning as sources
 from ssim_ray.worker import ShardResult, ShardWorker, WorkerSpec
 
-WORKER_FAILED = "worker_failed"
 # Shards queued per actor: one running and one waiting, so an actor never idles between shards.
 SHARDS_IN_FLIGHT_PER_ACTOR = 2
 
@@ -195,7 +195,7 @@ class ShardDispatcher:
             f"last error: {self.last_error[shard.shard_id]}"
         )
         rows = [
-            {"pair_id": pair_id, "reference": reference, "distorted": distorted, "status": WORKER_FAILED,
+            {"pair_id": pair_id, "reference": reference, "distorted": distorted, "status": statuses.WORKER_FAILED,
              "error": message, "shard_id": shard.shard_id, **passthrough}
             for pair_id, reference, distorted, passthrough in sources.iter_shard_rows(shard, self.cfg.source)
         ]
@@ -208,12 +208,12 @@ class ShardDispatcher:
             stats=results.shard_stats(table, self.cfg.summary),
         )
         now = time.time()
-        return ShardResult(shard.shard_id, len(rows), {WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")
+        return ShardResult(shard.shard_id, len(rows), {statuses.WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")
 
     def _record(self, result: ShardResult) -> None:
         self.results.append(result)
         self.done_pairs += result.rows
-        self.failed_pairs += sum(n for status, n in result.status_counts.items() if status != "ok")
+        self.failed_pairs += sum(n for status, n in result.status_counts.items() if not statuses.is_ok(status))
 
     def _collect(self, ref: ray.ObjectRef) -> None:
         if ref in self.pings:

@@ -18,6 +18,7 @@ from typing import Dict, List
 
 import torch
 
+from ssim_ray import statuses
 from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memory
 from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
 from ssim_ray.metric.structural import mean_over_channels, ssim
@@ -27,7 +28,6 @@ from ssim_ray.sources import planning as sources
 # Pairs in the probe's trial batch: enough to make the per-pair peak dominate fixed costs, small enough
 # to be cheap on the largest images.
 PROBE_TRIAL_PAIRS = 4
-COMPUTE_ERROR = "compute_error"
 # Compile ssim's CPU kernel before the first batch once an actor's work is expected to pay for it: the
 # compile costs ~4-6 s of one core, the compiled kernel saves ~50 ns per pixel and channel against the
 # eager one (measured at 256² and 512² RGB: 10.7 -> 2.0 and 52 -> 7 ms per pair), so it pays after about
@@ -150,7 +150,7 @@ class ShardComputer:
                     self._compute_batch(key, [pair], rows)
                 return
             row = rows[pairs[0].row_index]
-            row["status"], row["error"] = COMPUTE_ERROR, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            row["status"], row["error"] = statuses.COMPUTE_ERROR, f"{type(exc).__name__}: {exc}".splitlines()[0]
             return
         self._fill_scores(pairs, per_channel, rows)
 
@@ -213,7 +213,7 @@ class ShardComputer:
         )
         for pair in pairs:
             rows[pair.row_index] = _result_row(pair, shard.shard_id)
-            if pair.status != "ok":
+            if not statuses.is_ok(pair.status):
                 continue
             key = bucket_key(pair.ref)
             bucket = buckets[key]

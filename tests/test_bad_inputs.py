@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from ssim_ray import statuses
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources.planning import STATUSES, ManifestError, iter_shard_pairs, plan_shards
+from ssim_ray.sources.planning import ManifestError, iter_shard_pairs, plan_shards
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -111,7 +112,7 @@ def test_every_bad_pair_gets_its_status_and_none_is_dropped(corpus, corpus_pairs
     assert len(pairs) == plan.total_pairs == len(expected)
     assert [(p.pair_id, p.status) for p in pairs] == [(r[0], r[3]) for r in expected]
     for pair in pairs:
-        assert pair.status in STATUSES
+        assert pair.status in statuses.SOURCE_STATUSES
         if pair.status == "ok":
             assert pair.error is None and pair.ref is not None and pair.ref.shape == pair.dist.shape
         else:

@@ -34,6 +34,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssim_ray import statuses
 from ssim_ray.config import OUTPUT_MODES, AuditConfig, SummaryConfig
 from ssim_ray.output.stats import (
     ScoreCollector,
@@ -45,6 +46,7 @@ from ssim_ray.output.stats import (
     stats_to_json,
     summary_statistics,
 )
+from ssim_ray.secrets import scrub
 
 SHARDS_DIR = "shards"
 RUN_MANIFEST = "_run.json"
@@ -122,45 +124,6 @@ def _check_shard_id(shard_id: str) -> None:
             "shard_id must be a file-name-safe string (letters, digits, '._=+-', not starting with a "
             f"separator and without '..'), got {shard_id!r}"
         )
-
-
-_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "private", "signature", "session",
-                 "connection_string", "sas")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
-REDACTED = "<redacted>"
-
-
-def _is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return (lowered in ("key", "apikey", "auth") or lowered.endswith(("_key", "key_id", "-key"))
-            or any(word in lowered for word in _SECRET_WORDS))
-
-
-def scrub_secrets(value: Any) -> Any:
-    """A copy of `value` with credentials replaced by "<redacted>", safe to write into outputs.
-
-    Mapping keys that name credentials (key, secret, token, password, credentials, *_key, *key_id, session,
-    sas, connection_string...) get their values redacted at any depth, and user:password@ in URLs is
-    removed from strings.
-
-    Args:
-        value: any JSON-like structure (dicts, lists, tuples, scalars).
-
-    Returns:
-        The scrubbed copy (tuples become lists).
-
-    Example:
-        >>> scrub_secrets({"key": "AKIA", "client_kwargs": {"endpoint_url": "http://u:p@127.0.0.1:9000"}})
-        {'key': '<redacted>', 'client_kwargs': {'endpoint_url': 'http://<redacted>@127.0.0.1:9000'}}
-    """
-    if isinstance(value, Mapping):
-        return {str(k): REDACTED if _is_secret_key(str(k)) and v is not None else scrub_secrets(v)
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub_secrets(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
-    return value
 
 
 def library_versions() -> Dict[str, Optional[str]]:
@@ -253,7 +216,7 @@ def validate_result_table(table: pa.Table, *, shard_id: str) -> None:
     ids = table["shard_id"].unique().to_pylist()
     if table.num_rows and ids != [shard_id]:
         raise ValueError(f"every row's shard_id must be {shard_id!r}, got {ids[:5]}")
-    ok = pa.compute.equal(table["status"], "ok")
+    ok = pa.compute.equal(table["status"], statuses.OK)
     scored = pa.compute.is_valid(table["ssim"])
     bad = pa.compute.xor(pa.compute.fill_null(ok, False), scored)
     if pa.compute.any(bad).as_py():
@@ -519,8 +482,8 @@ def build_run_manifest(
         "plan_fingerprint": plan_fingerprint,
         "total_pairs": int(total_pairs),
         "num_shards": int(num_shards),
-        "metric": scrub_secrets(dict(metric)),
-        "source": scrub_secrets(dict(source)),
+        "metric": scrub(dict(metric)),
+        "source": scrub(dict(source)),
         "created": _utc_now(),
     }
 
@@ -656,7 +619,7 @@ def check_resume_compatible(
     path = f"{root}/{RUN_MANIFEST}"
     if mode == "overwrite":
         clear_outputs(output_url, storage_options=storage_options)
-        write_bytes(fs, path, json.dumps(scrub_secrets(dict(run_manifest)), indent=1).encode("utf-8"))
+        write_bytes(fs, path, json.dumps(scrub(dict(run_manifest)), indent=1).encode("utf-8"))
         return "overwrite"
     existing = _read_manifest(fs, path)
     if existing is None:
@@ -666,7 +629,7 @@ def check_resume_compatible(
                 f"{output_url} holds {len(committed)} committed shards but no {RUN_MANIFEST}, so they cannot be "
                 "checked against this run; use a new output.url, or output.mode=overwrite to discard them"
             )
-        write_bytes(fs, path, json.dumps(scrub_secrets(dict(run_manifest)), indent=1).encode("utf-8"))
+        write_bytes(fs, path, json.dumps(scrub(dict(run_manifest)), indent=1).encode("utf-8"))
         return "new"
     differences = manifest_differences(existing, run_manifest)
     if differences:
@@ -913,7 +876,7 @@ def _summary(stats, collector, run_info: RunInfo, scan: ShardScan, plan_shard_id
         "format": "ssim_ray.summary/1",
         "created": _utc_now(),
         "complete": not missing,
-        "metric": scrub_secrets(dict(run_info.metric)),
+        "metric": scrub(dict(run_info.metric)),
         "plan_fingerprint": run_info.plan_fingerprint,
         "pairs": {"planned": run_info.total_pairs, "merged": stats.overall.rows,
                   "ok": stats.overall.moments.count, "failures": stats.overall.failures},
@@ -929,7 +892,7 @@ def _summary(stats, collector, run_info: RunInfo, scan: ShardScan, plan_shard_id
                        "processing_seconds": run_info.processing_seconds},
         "batch_sizes": dict(run_info.batch_sizes),
         "runtime": {"device": run_info.device, "num_workers": run_info.num_workers},
-        "source": scrub_secrets(dict(run_info.source)),
+        "source": scrub(dict(run_info.source)),
         "versions": library_versions(),
         "files": {"results": MERGED_FILE, "summary": SUMMARY_FILE},
     }

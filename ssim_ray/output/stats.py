@@ -27,11 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ssim_ray import statuses
+
 HIST_BINS = 2000
 HIST_RANGE = (-1.0, 1.0)
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 GROUP_NULL = "(null)"
-STATUS_OK = "ok"
 
 
 @dataclass
@@ -126,7 +127,7 @@ class GroupStats:
     @property
     def failures(self) -> int:
         """Rows whose status is not `ok`."""
-        return self.rows - self.status_counts.get(STATUS_OK, 0)
+        return self.rows - self.status_counts.get(statuses.OK, 0)
 
 
 def merge_group_stats(a: GroupStats, b: GroupStats) -> GroupStats:
@@ -312,7 +313,7 @@ def stats_from_table(
         {'missing': 1, 'ok': 1}
     """
     status_codes, status_names = _codes(table["status"])
-    ok = status_codes == (status_names.index(STATUS_OK) if STATUS_OK in status_names else -1)
+    ok = status_codes == (status_names.index(statuses.OK) if statuses.OK in status_names else -1)
     scores = _ok_scores(table, ok)
     stats = empty_stats(group_by=group_by, worst_k=worst_k, examples_per_status=examples_per_status)
     stats.overall = GroupStats(_status_counts(status_codes, status_names), moments_of(scores))
@@ -354,7 +355,7 @@ def _failure_examples(table: pa.Table, status_codes: np.ndarray, status_names: l
     examples = {}
     columns = ["pair_id", "status", "error", "reference", "distorted", "shard_id"]
     for code, name in sorted(enumerate(status_names), key=lambda item: item[1]):
-        if name == STATUS_OK or per_status == 0:
+        if name == statuses.OK or per_status == 0:
             continue
         rows = np.flatnonzero(status_codes == code)[:per_status]
         if rows.size:
@@ -468,7 +469,7 @@ class ScoreCollector:
             ValueError: more ok rows than the capacity given, or an ok row without a finite score.
         """
         status_codes, status_names = _codes(table["status"])
-        ok = status_codes == (status_names.index(STATUS_OK) if STATUS_OK in status_names else -1)
+        ok = status_codes == (status_names.index(statuses.OK) if statuses.OK in status_names else -1)
         scores = _ok_scores(table, ok)
         end = self._size + scores.size
         if end > self._scores.size:

@@ -17,15 +17,17 @@ import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ssim_ray import statuses
 from ssim_ray.config import AuditConfig, ReportConfig, SourceConfig, SSIMConfig
 from ssim_ray.output.results import RUN_MANIFEST, SUMMARY_FILE, output_filesystem, write_bytes
 from ssim_ray.output.stats import HIST_BINS, HIST_RANGE
+from ssim_ray.secrets import scrub
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -471,7 +473,7 @@ def _fill_panel(panel: WorstPanel, pair: Any, ssim_cfg: SSIMConfig) -> None:
     if pair is None:
         _noted([panel], "pair not found in its shard any more (the source changed since the run)")
         return
-    if pair.status != "ok":
+    if not statuses.is_ok(pair.status):
         _noted([panel], f"re-reading the pair now gives status {pair.status!r}: {pair.error}")
         return
     from ssim_ray.metric.structural import ssim
@@ -785,7 +787,7 @@ def _worst_section(panels: Sequence[WorstPanel], *, win_size: int) -> str:
 
 
 def _failures_section(summary: Mapping[str, Any]) -> str:
-    counts = {s: n for s, n in summary["status_counts"].items() if s != "ok"}
+    counts = {s: n for s, n in summary["status_counts"].items() if not statuses.is_ok(s)}
     if not counts:
         return '<h2 id="failures">Failures</h2><p class="good">None: every pair was scored.</p>'
     parts = []
@@ -888,9 +890,7 @@ def make_report(
     worst_started = time.perf_counter()
     panels = _panels(fs, root, worst, source_cfg=source_cfg, ssim_cfg=ssim_cfg)
     worst_seconds = time.perf_counter() - worst_started
-    from ssim_ray.output.results import scrub_secrets
-
-    page = render_html(summary, plots=plots, panels=panels, output_url=scrub_secrets(output_url))
+    page = render_html(summary, plots=plots, panels=panels, output_url=scrub(output_url))
     plot_paths = []
     if fs.exists(f"{root}/{PLOTS_DIR}"):  # plots of an earlier report (other groups) must not linger
         fs.rm(f"{root}/{PLOTS_DIR}", recursive=True)

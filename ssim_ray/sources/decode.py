@@ -28,6 +28,8 @@ import numpy as np
 import PIL
 from PIL import Image, UnidentifiedImageError
 
+from ssim_ray import statuses
+
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What Pillow raises on corrupt or truncated data besides OSError: it surfaces parser errors as they come.
@@ -88,14 +90,14 @@ def decode_image(data: bytes, *, name: str, color: str, alpha: str, max_pixels: 
         ((12, 16, 3), 'uint8', 8, [10, 20, 30])
     """
     if not data:
-        raise DecodeError("unreadable", f"{name}: empty file (0 bytes)")
+        raise DecodeError(statuses.UNREADABLE, f"{name}: empty file (0 bytes)")
     image = _open_checked(data, name=name, max_pixels=max_pixels)
     try:
         pixels, bit_depth, how = _exact_pixels(image, data, name=name)
     except DecodeError:
         raise
     except _CORRUPT_DATA_ERRORS as exc:
-        raise DecodeError("unreadable", f"{name}: cannot decode {image.format}: {_one_line(exc)}") from exc
+        raise DecodeError(statuses.UNREADABLE, f"{name}: cannot decode {image.format}: {_one_line(exc)}") from exc
     pixels = _apply_alpha_policy(pixels, alpha=alpha, name=name)
     pixels = _apply_color_policy(pixels, color=color)
     decoder = f"Pillow {PIL.__version__} {image.format}{how}"
@@ -122,7 +124,7 @@ def read_size(data: bytes, *, name: str, max_pixels: int) -> Tuple[int, int]:
         (12, 16)
     """
     if not data:
-        raise DecodeError("unreadable", f"{name}: empty file (0 bytes)")
+        raise DecodeError(statuses.UNREADABLE, f"{name}: empty file (0 bytes)")
     image = _open_checked(data, name=name, max_pixels=max_pixels)
     return image.height, image.width
 
@@ -133,15 +135,15 @@ def _open_checked(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
-        raise DecodeError("too_large", f"{name}: {_one_line(exc)}") from exc
+        raise DecodeError(statuses.TOO_LARGE, f"{name}: {_one_line(exc)}") from exc
     except UnidentifiedImageError as exc:
-        raise DecodeError("unreadable", f"{name}: not a {'/'.join(FORMATS)} image ({len(data)} bytes)") from exc
+        raise DecodeError(statuses.UNREADABLE, f"{name}: not a {'/'.join(FORMATS)} image ({len(data)} bytes)") from exc
     except _CORRUPT_DATA_ERRORS as exc:
-        raise DecodeError("unreadable", f"{name}: bad image header: {_one_line(exc)}") from exc
+        raise DecodeError(statuses.UNREADABLE, f"{name}: bad image header: {_one_line(exc)}") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(
-            "too_large", f"{name}: {width}x{height} = {width * height} pixels, over source.max_pixels={max_pixels}"
+            statuses.TOO_LARGE, f"{name}: {width}x{height} = {width * height} pixels, over source.max_pixels={max_pixels}"
         )
     return image
 
@@ -168,7 +170,7 @@ def _exact_pixels(image: Image.Image, data: bytes, *, name: str) -> Tuple[np.nda
     if mode in ("RGB", "RGBA") and ";16" in rawmode:
         return _sixteen_bit_color(image, data, rawmode=rawmode, name=name), 16, " (16-bit color: two passes)"
     if ";16" in rawmode and mode not in _SIXTEEN_BIT_GRAY:
-        raise DecodeError("unsupported", f"{name}: {image.format} mode {mode} from {rawmode} cannot be decoded exactly")
+        raise DecodeError(statuses.UNSUPPORTED, f"{name}: {image.format} mode {mode} from {rawmode} cannot be decoded exactly")
     if mode in _SIXTEEN_BIT_GRAY:
         return np.asarray(image).astype(np.uint16)[:, :, None], 16, ""
     converted = _to_eight_bit_mode(image, name=name)
@@ -189,7 +191,7 @@ def _to_eight_bit_mode(image: Image.Image, *, name: str) -> Image.Image:
     if image.mode == "YCbCr":
         return image.convert("RGB")
     # CMYK needs a color profile to become RGB; I/F are 32-bit and have no defined data range here.
-    raise DecodeError("unsupported", f"{name}: {image.format} mode {image.mode} is not supported (expected gray, palette, RGB(A))")
+    raise DecodeError(statuses.UNSUPPORTED, f"{name}: {image.format} mode {image.mode} is not supported (expected gray, palette, RGB(A))")
 
 
 def _opposite_endian(rawmode: str) -> str:
@@ -205,7 +207,7 @@ def _opposite_endian(rawmode: str) -> str:
 def _sixteen_bit_color(image: Image.Image, data: bytes, *, rawmode: str, name: str) -> np.ndarray:
     """16-bit RGB(A): Pillow keeps the high byte of each sample; a second pass keeps the low one."""
     if len(image.tile) != 1 and image.format == "PNG":
-        raise DecodeError("unsupported", f"{name}: 16-bit color PNG with {len(image.tile)} tiles")
+        raise DecodeError(statuses.UNSUPPORTED, f"{name}: 16-bit color PNG with {len(image.tile)} tiles")
     image.load()
     high = np.asarray(image).astype(np.uint16)
     low_image = Image.open(io.BytesIO(data), formats=(image.format,))
@@ -221,7 +223,7 @@ def _with_rawmode(tile: "Image._Tile", new: str, old: str) -> "Image._Tile":
     if isinstance(args, str):
         return tile._replace(args=new)
     if str(args[0]) != old:
-        raise DecodeError("unsupported", f"tile raw mode {args[0]!r}, expected {old!r}")
+        raise DecodeError(statuses.UNSUPPORTED, f"tile raw mode {args[0]!r}, expected {old!r}")
     return tile._replace(args=(new,) + tuple(args[1:]))
 
 
@@ -246,7 +248,7 @@ def _png_chunks(data: bytes, *, name: str):
         kind = data[offset + 4:offset + 8]
         body = data[offset + 8:offset + 8 + length]
         if len(body) != length:
-            raise DecodeError("unreadable", f"{name}: truncated PNG chunk {kind!r}")
+            raise DecodeError(statuses.UNREADABLE, f"{name}: truncated PNG chunk {kind!r}")
         yield kind, body
         offset += 12 + length
 
@@ -260,7 +262,7 @@ def _apply_alpha_policy(pixels: np.ndarray, *, alpha: str, name: str) -> np.ndar
     if pixels.shape[2] not in (2, 4):
         return pixels
     if alpha == "error":
-        raise DecodeError("has_alpha", f"{name}: has an alpha channel and ssim.alpha='error'")
+        raise DecodeError(statuses.HAS_ALPHA, f"{name}: has an alpha channel and ssim.alpha='error'")
     return pixels[:, :, :-1]
 
 

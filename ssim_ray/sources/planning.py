@@ -22,22 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ssim_ray import statuses
 from ssim_ray.config import SourceConfig, SSIMConfig
 from ssim_ray.metric.structural import output_size
+from ssim_ray.secrets import redact_text
 from ssim_ray.sources.decode import DecodedImage, DecodeError, decode_image, describe_bytes
-from ssim_ray.sources.storage import PathEscapeError, open_url, read_bytes, redact_url, resolve_path
+from ssim_ray.sources.storage import PathEscapeError, open_url, read_bytes, resolve_path
 
 __all__ = [
-    "STATUSES", "LoadedPair", "ManifestError", "ParquetRows", "Plan", "PrefixRows", "Shard",
+    "LoadedPair", "ManifestError", "ParquetRows", "Plan", "PrefixRows", "Shard",
     "iter_shard_pairs", "load_pairs", "plan_shards",
 ]
 
-# Per-pair outcomes. Beyond the contract's list: `depth_mismatch` (8-bit against 16-bit, whose data ranges
-# differ), `has_alpha` (ssim.alpha='error'), `unsupported` (a pixel mode that cannot be decoded exactly).
-STATUSES = (
-    "ok", "missing", "unreadable", "size_mismatch", "channel_mismatch", "depth_mismatch", "too_small",
-    "too_large", "path_escape", "unpaired", "has_alpha", "unsupported",
-)
 SHARD_ID_DIGITS = 8
 _GLOB_CHARS = "*?["
 
@@ -120,7 +116,7 @@ class LoadedPair:
     reference: str
     distorted: str
     passthrough: Dict[str, Any] = field(default_factory=dict)
-    status: str = "ok"
+    status: str = statuses.OK
     error: Optional[str] = None
     ref: Optional[torch.Tensor] = None
     dist: Optional[torch.Tensor] = None
@@ -180,8 +176,8 @@ def _plan_parquet(cfg: SourceConfig, *, url: str, sample: bool, identity: Option
         for manifest_file in files:
             shards.extend(_file_shards(manifest_file, columns, cfg=cfg, sample=sample, suffix=suffix, start=len(shards)))
     identity_doc = {
-        "source": identity or redact_url(url),
-        "base_url": None if cfg.base_url is None else redact_url(cfg.base_url),
+        "source": identity or redact_text(url),
+        "base_url": None if cfg.base_url is None else redact_text(cfg.base_url),
         "files": [[f.key, f.footer_sha256] for f in files],
         "copies": len(suffixes),
     }
@@ -215,7 +211,7 @@ def _plan_prefix(cfg: SourceConfig) -> Plan:
         identity = f"{rows.keys[0][0]}|{rows.keys[-1][0]}|{len(rows.keys)}"
         shards.append(Shard(shard_id=_shard_id(index, identity), num_pairs=len(rows.keys), rows=rows))
     identity_doc = {
-        "source": [redact_url(cfg.reference_url), redact_url(cfg.distorted_url)],
+        "source": [redact_text(cfg.reference_url), redact_text(cfg.distorted_url)],
         "ignore_extension": cfg.ignore_extension,
         "listing": listing_sha256,
     }
@@ -373,7 +369,7 @@ def _prefix_rows(rows: PrefixRows, source: SourceConfig) -> Iterator[_Row]:
         unpaired = None
         if ref_url is None or dist_url is None:
             side, other = ("distorted_url", "reference_url") if ref_url is None else ("reference_url", "distorted_url")
-            unpaired = f"{redact_url(ref_url or dist_url)}: only under source.{side}, no key {key!r} under source.{other}"
+            unpaired = f"{redact_text(ref_url or dist_url)}: only under source.{side}, no key {key!r} under source.{other}"
         yield _Row(offset, key, ref_url, dist_url, None, {}, unpaired=unpaired)
 
 
@@ -385,7 +381,7 @@ def _load_pair(row: _Row, source: SourceConfig, ssim: SSIMConfig) -> LoadedPair:
     )
     try:
         if row.unpaired is not None:
-            raise _PairFailure("unpaired", row.unpaired)
+            raise _PairFailure(statuses.UNPAIRED, row.unpaired)
         ref = _decode_side(row.reference, "reference", row=row, source=source, ssim=ssim)
         dist = _decode_side(row.distorted, "distorted", row=row, source=source, ssim=ssim)
         _check_pair(ref, dist, names=(pair.reference, pair.distorted), ssim=ssim)
@@ -401,7 +397,7 @@ def _load_pair(row: _Row, source: SourceConfig, ssim: SSIMConfig) -> LoadedPair:
 
 def _describe(value: Union[str, bytes, None]) -> str:
     if isinstance(value, str):
-        return redact_url(value)
+        return redact_text(value)
     return describe_bytes(value)
 
 
@@ -416,7 +412,7 @@ def _decode_side(value: Union[str, bytes, None], side: str, *, row: _Row, source
 def _fetch_side(value: Union[str, bytes, None], side: str, *, row: _Row, source: SourceConfig) -> Tuple[bytes, str]:
     """The encoded bytes of one side and the name to report it by."""
     if value is None:
-        raise _PairFailure("missing", f"{side} of pair {row.pair_id!r} is null in the manifest")
+        raise _PairFailure(statuses.MISSING, f"{side} of pair {row.pair_id!r} is null in the manifest")
     if isinstance(value, bytes):
         return value, f"{describe_bytes(value)} of pair {row.pair_id!r}"
     url = value
@@ -424,14 +420,14 @@ def _fetch_side(value: Union[str, bytes, None], side: str, *, row: _Row, source:
         try:
             url = resolve_path(value, base_url=row.base_url, allowed_schemes=tuple(source.allowed_schemes))
         except PathEscapeError as exc:
-            raise _PairFailure("path_escape", f"{side}: {exc}") from exc
+            raise _PairFailure(statuses.PATH_ESCAPE, f"{side}: {exc}") from exc
     fs, path = open_url(url, storage_options=source.storage_options)
     try:
-        return read_bytes(fs, path, retries=source.fetch_retries), redact_url(url)
+        return read_bytes(fs, path, retries=source.fetch_retries), redact_text(url)
     except FileNotFoundError as exc:
-        raise _PairFailure("missing", f"{side} {redact_url(url)}: not found") from exc
+        raise _PairFailure(statuses.MISSING, f"{side} {redact_text(url)}: not found") from exc
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        raise _PairFailure("unreadable", f"{side} {redact_url(url)}: {type(exc).__name__}") from exc
+        raise _PairFailure(statuses.UNREADABLE, f"{side} {redact_text(url)}: {type(exc).__name__}") from exc
 
 
 def _check_pair(ref: DecodedImage, dist: DecodedImage, *, names: Tuple[str, str], ssim: SSIMConfig) -> None:
@@ -439,15 +435,15 @@ def _check_pair(ref: DecodedImage, dist: DecodedImage, *, names: Tuple[str, str]
     ref_h, ref_w, ref_c = ref.pixels.shape
     dist_h, dist_w, dist_c = dist.pixels.shape
     if ref.bit_depth != dist.bit_depth:
-        raise _PairFailure("depth_mismatch", f"reference {names[0]} is {ref.bit_depth}-bit, distorted {names[1]} is {dist.bit_depth}-bit")
+        raise _PairFailure(statuses.DEPTH_MISMATCH, f"reference {names[0]} is {ref.bit_depth}-bit, distorted {names[1]} is {dist.bit_depth}-bit")
     if ref_c != dist_c:
-        raise _PairFailure("channel_mismatch", f"reference {names[0]} has {ref_c} channels, distorted {names[1]} has {dist_c}")
+        raise _PairFailure(statuses.CHANNEL_MISMATCH, f"reference {names[0]} has {ref_c} channels, distorted {names[1]} has {dist_c}")
     if (ref_h, ref_w) != (dist_h, dist_w):
-        raise _PairFailure("size_mismatch", f"reference {names[0]} is {ref_w}x{ref_h}, distorted {names[1]} is {dist_w}x{dist_h}")
+        raise _PairFailure(statuses.SIZE_MISMATCH, f"reference {names[0]} is {ref_w}x{ref_h}, distorted {names[1]} is {dist_w}x{dist_h}")
     seen_h, seen_w = output_size(ref_h, ref_w, downsample=ssim.downsample)
     if min(seen_h, seen_w) < ssim.win_size:
         after = f" ({seen_w}x{seen_h} after downsample={ssim.downsample!r})" if ssim.downsample else ""
-        raise _PairFailure("too_small", f"reference {names[0]}: {ref_w}x{ref_h}{after} is smaller than the {ssim.win_size}x{ssim.win_size} window")
+        raise _PairFailure(statuses.TOO_SMALL, f"reference {names[0]}: {ref_w}x{ref_h}{after} is smaller than the {ssim.win_size}x{ssim.win_size} window")
 
 
 def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -473,7 +469,7 @@ def _list_manifest(cfg: SourceConfig, *, url: str) -> Tuple[List[ManifestFile], 
             file_columns = _manifest_columns(parquet.schema_arrow, cfg, example=lambda: _example_row(parquet), where=_url_of(fs, path))
             if columns is not None and file_columns != columns:
                 raise ManifestError(
-                    f"manifest files disagree: {redact_url(_url_of(fs, path))} has columns {file_columns}, "
+                    f"manifest files disagree: {redact_text(_url_of(fs, path))} has columns {file_columns}, "
                     f"the first file has {columns}"
                 )
             columns = file_columns
@@ -495,7 +491,7 @@ def _manifest_paths(fs: Any, root: str, *, url: str) -> List[str]:
     else:
         paths = []
     if not paths:
-        raise ManifestError(f"source.url={redact_url(url)!r}: no Parquet file there (expected a file, a folder or a glob)")
+        raise ManifestError(f"source.url={redact_text(url)!r}: no Parquet file there (expected a file, a folder or a glob)")
     return paths
 
 
@@ -547,11 +543,11 @@ def _manifest_columns(schema: pa.Schema, cfg: SourceConfig, *, example: Any, whe
     for option, column in (("reference_column", cfg.reference_column), ("distorted_column", cfg.distorted_column)):
         if column not in names:
             raise ManifestError(
-                f"{redact_url(where)}: no column {column!r} (source.{option}); columns are {names}; example row 0: {example()}"
+                f"{redact_text(where)}: no column {column!r} (source.{option}); columns are {names}; example row 0: {example()}"
             )
         if _column_kind(schema.field(column).type) is None:
             raise ManifestError(
-                f"{redact_url(where)}: column {column!r} has type {schema.field(column).type}, expected string (a path "
+                f"{redact_text(where)}: column {column!r} has type {schema.field(column).type}, expected string (a path "
                 f"or URL) or binary (encoded image bytes); example row 0: {example()}"
             )
     pair_id = cfg.pair_id_column if cfg.pair_id_column in names else None
@@ -559,7 +555,7 @@ def _manifest_columns(schema: pa.Schema, cfg: SourceConfig, *, example: Any, whe
         id_type = schema.field(pair_id).type
         if _column_kind(id_type) != "path" and not pa.types.is_integer(id_type):
             raise ManifestError(
-                f"{redact_url(where)}: column {pair_id!r} (source.pair_id_column) has type {id_type}, expected string "
+                f"{redact_text(where)}: column {pair_id!r} (source.pair_id_column) has type {id_type}, expected string "
                 f"or integer; example row 0: {example()}"
             )
     used = {pair_id, cfg.reference_column, cfg.distorted_column}
@@ -569,7 +565,7 @@ def _manifest_columns(schema: pa.Schema, cfg: SourceConfig, *, example: Any, whe
         missing = [name for name in cfg.passthrough_columns if name not in names]
         if missing:
             raise ManifestError(
-                f"{redact_url(where)}: no column {missing[0]!r} (source.passthrough_columns); columns are {names}; "
+                f"{redact_text(where)}: no column {missing[0]!r} (source.passthrough_columns); columns are {names}; "
                 f"example row 0: {example()}"
             )
         passthrough = tuple(name for name in cfg.passthrough_columns if name not in used)
@@ -625,7 +621,7 @@ def _fill_id_hashes(fs: Any, path: str, column: str, *, out: np.ndarray, start: 
         for offset, values in _id_batches(handle, column):
             if values.null_count:
                 row = offset + values.to_pylist().index(None)
-                raise ManifestError(f"{redact_url(_url_of(fs, path))}: column {column!r} is null in row {row}; pair ids must be present and unique")
+                raise ManifestError(f"{redact_text(_url_of(fs, path))}: column {column!r} is null in row {row}; pair ids must be present and unique")
             count = len(values)
             out[start:start + count] = np.fromiter((hash(str(v)) for v in values.to_pylist()), dtype=np.int64, count=count)
             start += count
@@ -652,7 +648,7 @@ def _raise_on_duplicates(fs: Any, paths: List[str], column: str, *, candidates: 
                     text = str(value)
                     if hash(text) not in candidates:
                         continue
-                    where = (redact_url(_url_of(fs, path)), offset + index)
+                    where = (redact_text(_url_of(fs, path)), offset + index)
                     if text in seen:
                         first = seen[text]
                         raise ManifestError(
@@ -739,14 +735,14 @@ def _list_prefix(url: str, *, cfg: SourceConfig, option: str) -> Dict[str, Tuple
     root = root.rstrip("/")
     listing = fs.find(root, detail=True)
     if not listing:
-        raise ManifestError(f"source.{option}={redact_url(url)!r}: no objects under this prefix")
+        raise ManifestError(f"source.{option}={redact_text(url)!r}: no objects under this prefix")
     found: Dict[str, Tuple[str, int, Optional[str]]] = {}
     for path in sorted(listing):
         relative = path[len(root) + 1:]
         key = posixpath.splitext(relative)[0] if cfg.ignore_extension else relative
         if key in found:
             raise ManifestError(
-                f"source.{option}: {redact_url(found[key][0])} and {redact_url(_url_of(fs, path))} both have key "
+                f"source.{option}: {redact_text(found[key][0])} and {redact_text(_url_of(fs, path))} both have key "
                 f"{key!r} with source.ignore_extension=true"
             )
         info = listing[path]

@@ -18,10 +18,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import fsspec
 from fsspec.core import url_to_fs
 
+from ssim_ray.secrets import redact_text
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
-# Query parameters of presigned URLs and SAS tokens that are credentials (S3 X-Amz-*, GCS X-Goog-*, Azure sig).
-_SECRET_QUERY = re.compile(r"([?&](?:[^=&#]*(?:sig|signature|token|credential|secret|password|key)[^=&#]*|x-amz-[^=&#]*|x-goog-[^=&#]*)=)[^&#]*", re.IGNORECASE)
 _LOCAL_PROTOCOLS = ("file", "local")
 # errno values that mean "try again", as raised by local and network filesystems alike.
 _TRANSIENT_ERRNOS = frozenset(
@@ -45,27 +44,6 @@ def url_scheme(url: str) -> Optional[str]:
     """
     match = _SCHEME.match(url)
     return match.group(1).lower() if match else None
-
-
-def redact_url(url: str) -> str:
-    """`url` without credentials, safe for messages, ids, results and fingerprints.
-
-    A `user:password@` part becomes `***@`, and the values of query parameters that carry credentials
-    (presigned S3/GCS URLs, Azure SAS signatures, tokens, keys) become `***`.
-
-    Args:
-        url: a URL or path.
-
-    Returns:
-        The URL without credentials; other URLs unchanged.
-
-    Example:
-        >>> redact_url("https://user:secret@host/a.png")
-        'https://***@host/a.png'
-        >>> redact_url("https://b.s3.amazonaws.com/a.png?X-Amz-Signature=abc&x=1")
-        'https://b.s3.amazonaws.com/a.png?X-Amz-Signature=***&x=1'
-    """
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def storage_options_for(url: str, storage_options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -188,18 +166,18 @@ def resolve_path(value: str, *, base_url: str, allowed_schemes: Tuple[str, ...])
         >>> resolve_path("../../etc/passwd", base_url="/data/set", allowed_schemes=("file",))
         Traceback (most recent call last):
         ...
-        ssim_ray.storage.PathEscapeError: path '../../etc/passwd' leaves its base folder '/data/set'
+        ssim_ray.sources.storage.PathEscapeError: path '../../etc/passwd' leaves its base folder '/data/set'
     """
     scheme = url_scheme(value)
     if scheme is not None:
         if scheme not in allowed_schemes:
-            raise PathEscapeError(f"URL scheme {scheme!r} of {redact_url(value)!r} is not allowed; allowed: {list(allowed_schemes)}")
+            raise PathEscapeError(f"URL scheme {scheme!r} of {redact_text(value)!r} is not allowed; allowed: {list(allowed_schemes)}")
         return value
     base_scheme = url_scheme(base_url) or "file"
     if value.startswith("/"):
         if base_scheme not in _LOCAL_PROTOCOLS or "file" not in allowed_schemes:
             raise PathEscapeError(
-                f"absolute path {value!r} is not allowed with base {redact_url(base_url)!r} "
+                f"absolute path {value!r} is not allowed with base {redact_text(base_url)!r} "
                 f"(expected a relative path, or a URL with a scheme in {list(allowed_schemes)})"
             )
         return value
@@ -216,5 +194,5 @@ def _join_inside(value: str, *, base_url: str) -> str:
     joined = posixpath.normpath(posixpath.join(base_path or "/", value))
     inside = joined.startswith(base_path + "/") if base_path else not joined.startswith("..")
     if not inside or ".." in joined.split("/"):
-        raise PathEscapeError(f"path {value!r} leaves its base folder {redact_url(base_url)!r}")
+        raise PathEscapeError(f"path {value!r} leaves its base folder {redact_text(base_url)!r}")
     return prefix + joined
