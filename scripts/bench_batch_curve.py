@@ -235,12 +235,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-batches", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run")
     parser.add_argument("--actors-per-node", type=int, default=None,
-                        help="memory share of the probe; default: the job's CPU placement (run.cpu_actors), 1 on cuda")
+                        help="memory share of the probe; default: the job's CPU placement (placement.cpu_actors), 1 on cuda")
     parser.add_argument("--plot", type=Path, default=None, help="PNG to write (default docs/batch_curve_<device>.png)")
     args = parser.parse_args(argv)
     if args.actors_per_node is None:
         from ssim_ray.config import RuntimeConfig
-        from ssim_ray.run import cpu_actors
+        from ssim_ray.placement import cpu_actors
 
         runtime = RuntimeConfig()
         args.actors_per_node = 1 if args.device == "cuda" else cpu_actors(

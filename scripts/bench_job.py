@@ -311,7 +311,7 @@ def _ssim_bound_worker(rows, passes: int, barrier, results) -> None:
 
     from ssim_ray.batching import bucket_key, throughput_cap
     from ssim_ray.metric.structural import ssim
-    from ssim_ray.worker import configure_cpu_compute
+    from ssim_ray.process_setup import configure_cpu_compute
 
     configure_cpu_compute(torch_threads=1, compile_now=True)
     pairs = [(_pillow_pixels(ref, writable=True), _pillow_pixels(dist, writable=True)) for _pair_id, ref, dist in rows]
@@ -501,7 +501,7 @@ def dispatch_rate(shards: int, actors: int) -> Tuple[float, float]:
 
     from ssim_ray.config import AuditJobConfig
     from ssim_ray.progress import Progress
-    from ssim_ray.run import ShardDispatcher
+    from ssim_ray.dispatch import ShardDispatcher
     from ssim_ray.sources.planning import Plan, PrefixRows, Shard
 
     todo = [Shard(f"{i:08d}-noop", 64, PrefixRows(keys=())) for i in range(shards)]

@@ -9,27 +9,22 @@ that an actor committed: rerunning with the same `output.url` resumes.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import sys
 import time
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import ray
 import ray.exceptions
 
-from ssim_ray import statuses
 from ssim_ray.config import AuditJobConfig
+from ssim_ray.dispatch import ShardDispatcher
 from ssim_ray.metric.structural import metric_settings
 from ssim_ray.output import gates, results
+from ssim_ray.placement import Placement, connect_ray, plan_placement
 from ssim_ray.progress import Progress
 from ssim_ray.report import html as report
 from ssim_ray.sources import planning as sources
 from ssim_ray.worker import ShardResult, ShardWorker, WorkerSpec
-
-# Shards queued per actor: one running and one waiting, so an actor never idles between shards.
-SHARDS_IN_FLIGHT_PER_ACTOR = 2
 
 
 @dataclasses.dataclass
@@ -42,77 +37,6 @@ class RunOutcome:
     failed_attempts: Dict[str, int] = dataclasses.field(default_factory=dict)
     actor_peak_rss_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
     actor_cpu_seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where actors run and how many."""
-
-    device: str
-    num_workers: int
-    actor_options: Dict[str, Any]
-    torch_threads: int
-    memory_share: float
-
-
-def connect_ray(address: Optional[str]) -> bool:
-    """Join Ray as `runtime.address` says. Returns True if this call connected (and so must disconnect).
-
-    None: the cluster in RAY_ADDRESS when set (a job started by `ray job submit`), else a new local Ray,
-    never some other cluster that happens to run on this machine. `auto` or host:port: join that cluster.
-    """
-    if ray.is_initialized():
-        return False
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
-    else:
-        ray.init(address=address)
-    return True
-
-
-def plan_placement(cfg: AuditJobConfig) -> Placement:
-    """Device, actor count and resources: one actor per GPU (or `gpus_per_worker`), else CPU actors.
-
-    CPU actors, unless `runtime.num_workers` is set: `cpu_actors` per node, spread over the nodes. Each runs
-    `cpus_per_worker` torch threads and `decode_threads` decode threads.
-    """
-    runtime = cfg.runtime
-    torch_threads = max(1, int(runtime.cpus_per_worker))
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    device = runtime.device
-    if device == "auto":
-        device = "cuda" if gpus > 0 and runtime.gpus_per_worker > 0 else "cpu"
-    if device == "cuda":
-        if gpus <= 0:
-            raise RuntimeError("runtime.device=cuda, but the Ray cluster reports no GPU")
-        num_workers = runtime.num_workers or max(1, int(gpus // runtime.gpus_per_worker))
-        options = {"num_gpus": runtime.gpus_per_worker, "num_cpus": runtime.cpus_per_worker}
-        share = min(1.0, runtime.gpus_per_worker)
-    else:
-        node_cpus = [node["Resources"]["CPU"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU")]
-        num_workers = runtime.num_workers or cpu_actors(node_cpus, torch_threads=torch_threads,
-                                                        decode_threads=runtime.decode_threads)
-        # Spread over the nodes: Ray's default packs actors onto one node until half its CPUs are taken.
-        options = {"num_cpus": runtime.cpus_per_worker, "scheduling_strategy": "SPREAD"}
-        share = 1.0 / max(1, math.ceil(num_workers / max(1, len(node_cpus))))
-    return Placement(device, num_workers, options, torch_threads, share)
-
-
-def cpu_actors(node_cpus: List[float], *, torch_threads: int, decode_threads: int) -> int:
-    """CPU actors for a cluster: on each node, one per (torch threads + decode threads) CPUs, rounded up.
-
-    Each actor keeps torch_threads computing and decode_threads decoding; decoding a pair costs about twice
-    its SSIM on one core (measured: 10 vs 4.9 ms for a 512² RGB pair), so with the default 1 + 2 threads
-    every thread of an actor is busy and an actor fills about three cores. Fewer, fuller actors also pay
-    fewer fixed costs (start-up, the kernel's compilation): on 2 cores one actor scored 2,048 pairs with
-    15.4 ms of CPU per pair, two actors (one per core, the earlier rule) with 18.5.
-
-    Example:
-        >>> cpu_actors([2.0], torch_threads=1, decode_threads=2), cpu_actors([32.0, 32.0], torch_threads=1, decode_threads=2)
-        (1, 22)
-    """
-    threads = max(1, torch_threads + decode_threads)
-    return max(1, sum(math.ceil(cpus / threads) for cpus in node_cpus))
 
 
 def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement, *, expected_pairs: int = 0) -> WorkerSpec:
@@ -129,135 +53,6 @@ def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement, *, 
         memory_share=placement.memory_share,
         expected_pairs=expected_pairs,
     )
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for an error row: the user's exception inside a RayTaskError, else Ray's own error."""
-    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
-    shown = cause if isinstance(cause, BaseException) else exc
-    text = f"{type(shown).__name__}: {shown}".strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (lines[0] if lines else type(shown).__name__)[:500]
-
-
-class ShardDispatcher:
-    """Hands shards to actors as they free up; retries shards of dead actors; types hopeless shards.
-
-    Each actor has at most SHARDS_IN_FLIGHT_PER_ACTOR calls queued, so a fast actor takes more shards.
-    When an actor dies, its calls fail: the one that was running counts as an attempt of its shard, the
-    ones queued behind it do not. The actor is not given work again until a ping shows that Ray has
-    restarted it (an actor whose node is gone may never come back; the others take its share).
-    """
-
-    def __init__(self, actors: list, plan: sources.Plan, cfg: AuditJobConfig, output_url: str) -> None:
-        self.actors = actors
-        self.plan = plan
-        self.cfg = cfg
-        self.output_url = output_url
-        self.attempts: Dict[str, int] = {}
-        self.last_error: Dict[str, str] = {}
-        self.results: List[ShardResult] = []
-        self.queue: Deque[sources.Shard] = deque()
-        self.inflight: Dict[ray.ObjectRef, Tuple[int, sources.Shard]] = {}
-        self.per_actor: Dict[int, Deque[ray.ObjectRef]] = {i: deque() for i in range(len(actors))}
-        self.pings: Dict[ray.ObjectRef, int] = {}
-        # Calls that were queued behind a call whose actor died: they never ran, whatever order their
-        # failures are collected in.
-        self.never_ran: set = set()
-        self.done_pairs = 0
-        self.failed_pairs = 0
-
-    def _healthy(self, index: int) -> bool:
-        return index not in self.pings.values()
-
-    def _fill(self) -> None:
-        # Level by level, so that every idle actor gets a shard before any gets a second one.
-        for level in range(1, SHARDS_IN_FLIGHT_PER_ACTOR + 1):
-            for index, actor in enumerate(self.actors):
-                if self.queue and self._healthy(index) and len(self.per_actor[index]) < level:
-                    shard = self.queue.popleft()
-                    ref = actor.run_shard.remote(shard, self.plan.passthrough_columns)
-                    self.inflight[ref] = (index, shard)
-                    self.per_actor[index].append(ref)
-
-    def _on_failure(self, shard: sources.Shard, exc: Exception, counted: bool) -> None:
-        self.last_error[shard.shard_id] = describe_error(exc)
-        if counted:
-            self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
-        if self.attempts.get(shard.shard_id, 0) >= self.cfg.runtime.max_shard_attempts:
-            self._record(self._commit_worker_failed(shard))
-        else:
-            self.queue.appendleft(shard)
-
-    def _commit_worker_failed(self, shard: sources.Shard) -> ShardResult:
-        message = (
-            f"shard {shard.shard_id} failed on {self.attempts[shard.shard_id]} attempt(s); "
-            f"last error: {self.last_error[shard.shard_id]}"
-        )
-        rows = [
-            {"pair_id": pair_id, "reference": reference, "distorted": distorted, "status": statuses.WORKER_FAILED,
-             "error": message, "shard_id": shard.shard_id, **passthrough}
-            for pair_id, reference, distorted, passthrough in sources.iter_shard_rows(shard, self.cfg.source)
-        ]
-        table = results.rows_to_table(rows, self.plan.passthrough_columns)
-        results.write_shard(
-            self.output_url,
-            shard.shard_id,
-            table,
-            storage_options=dict(self.cfg.output.storage_options),
-            stats=results.shard_stats(table, self.cfg.summary),
-        )
-        now = time.time()
-        return ShardResult(shard.shard_id, len(rows), {statuses.WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")
-
-    def _record(self, result: ShardResult) -> None:
-        self.results.append(result)
-        self.done_pairs += result.rows
-        self.failed_pairs += sum(n for status, n in result.status_counts.items() if not statuses.is_ok(status))
-
-    def _collect(self, ref: ray.ObjectRef) -> None:
-        if ref in self.pings:
-            index = self.pings.pop(ref)
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError:
-                self.pings[self.actors[index].ping.remote()] = index  # still restarting: ask again
-            return
-        index, shard = self.inflight.pop(ref)
-        # Calls on one actor run in order: the oldest unfinished one is the one that was running.
-        was_running = self.per_actor[index][0] == ref and ref not in self.never_ran
-        self.per_actor[index].remove(ref)
-        self.never_ran.discard(ref)
-        try:
-            self._record(ray.get(ref))
-        except ray.exceptions.RayTaskError as exc:  # the shard raised: a real attempt
-            self._on_failure(shard, exc, True)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            if was_running:
-                self.never_ran.update(self.per_actor[index])
-            self._on_failure(shard, exc, was_running)
-            if self._healthy(index):
-                self.pings[self.actors[index].ping.remote()] = index
-
-    def run(self, todo: List[sources.Shard], progress: Progress) -> None:
-        self.queue.extend(todo)
-        last_progress = time.monotonic()
-        stall_limit = self.cfg.runtime.stall_timeout_s
-        while self.queue or self.inflight:
-            self._fill()
-            waiting = list(self.inflight) + list(self.pings)
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=self.cfg.runtime.progress_interval_s)
-            finished_before = len(self.results)
-            for ref in ready:
-                self._collect(ref)
-            if len(self.results) > finished_before:
-                last_progress = time.monotonic()
-            elif not self.inflight and time.monotonic() - last_progress > stall_limit:
-                raise RuntimeError(
-                    f"no actor could take a shard for {stall_limit:.0f} s ({len(self.queue)} shards left); "
-                    "committed shards are kept: rerun with the same output.url to resume"
-                )
-            progress.update(done_pairs=self.done_pairs, failures=self.failed_pairs)
 
 
 def _peak_rss(shard_results: List[ShardResult]) -> Dict[str, int]:

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import ray.exceptions
 
-from ssim_ray import run
+from ssim_ray import dispatch
 from ssim_ray.config import AuditJobConfig
 from ssim_ray.sources.planning import Plan, PrefixRows, Shard
 
@@ -40,12 +40,12 @@ class _Actor:
         self.ping = _Method("ping")
 
 
-def _dispatcher(shards: int, actors: int) -> run.ShardDispatcher:
+def _dispatcher(shards: int, actors: int) -> dispatch.ShardDispatcher:
     plan_shards = tuple(Shard(f"{i:08d}-x", 1, PrefixRows(keys=())) for i in range(shards))
     plan = Plan(shards=plan_shards, fingerprint="f", total_pairs=shards, passthrough_columns=())
     cfg = AuditJobConfig()
     cfg.runtime.max_shard_attempts = 3
-    dispatcher = run.ShardDispatcher([_Actor() for _ in range(actors)], plan, cfg, "unused://")
+    dispatcher = dispatch.ShardDispatcher([_Actor() for _ in range(actors)], plan, cfg, "unused://")
     dispatcher.queue.extend(plan_shards)
     dispatcher._fill()
     return dispatcher
@@ -56,7 +56,7 @@ def test_dead_actor_counts_one_attempt_whatever_order_its_calls_fail_in(monkeypa
     def dead_actor(ref):
         raise ray.exceptions.RayActorError(error_msg="the actor died")
 
-    monkeypatch.setattr(run.ray, "get", dead_actor)
+    monkeypatch.setattr(dispatch.ray, "get", dead_actor)
     dispatcher = _dispatcher(shards=2, actors=1)
     running, queued = list(dispatcher.per_actor[0])
     shard_running, shard_queued = dispatcher.inflight[running][1], dispatcher.inflight[queued][1]
@@ -71,7 +71,7 @@ def test_calls_after_a_restart_count_again(monkeypatch):
     def dead_actor(ref):
         raise ray.exceptions.RayActorError(error_msg="the actor died")
 
-    monkeypatch.setattr(run.ray, "get", dead_actor)
+    monkeypatch.setattr(dispatch.ray, "get", dead_actor)
     dispatcher = _dispatcher(shards=2, actors=1)
     for ref in list(dispatcher.per_actor[0]):
         dispatcher._collect(ref)

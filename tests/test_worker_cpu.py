@@ -20,7 +20,7 @@ import io, json, sys
 import numpy as np, torch
 from PIL import Image, ImageFilter
 from skimage import data
-from ssim_ray.worker import configure_cpu_compute
+from ssim_ray.process_setup import configure_cpu_compute
 
 configure_cpu_compute(torch_threads=1, compile_now=True, gil_free_kernel=sys.argv[1] == "1")
 from ssim_ray.metric.structural import ssim

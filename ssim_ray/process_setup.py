@@ -1,0 +1,78 @@
+"""Process set-up of a computing process (an actor, or a benchmark that computes as one does): torch threads,
+the allocator, the compiled kernel's GIL-free wrapper, and the process's own memory figure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), or 0 where /proc is not available."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap and stay there when freed.
+HEAP_BLOCK_LIMIT = 1 << 30
+
+
+def keep_large_blocks_in_heap() -> bool:
+    """Serve large allocations from the heap and keep freed memory there (glibc only).
+
+    By default glibc maps every block above a threshold (at most 32 MiB) freshly from the kernel and
+    unmaps it on free, so each SSIM batch's float tiles (tens of MB) are page-faulted in again, page by
+    page, on every call: measured 3,500 minor faults per 512x512 RGB pair, and half the batch's time at
+    16 pairs or more. Raising the mmap and trim thresholds keeps those pages resident for the next batch
+    (0-90 faults per pair). The cost is that the actor's resident memory stays at its peak, which the
+    memory probe already budgets for.
+
+    Returns:
+        True if glibc accepted both settings; False elsewhere (another libc: nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_BLOCK_LIMIT))
+
+
+def configure_cpu_compute(*, torch_threads: int, compile_now: bool, gil_free_kernel: bool = True) -> None:
+    """Set up a process that computes SSIM on the CPU as an actor does (also used by the benchmarks).
+
+    Args:
+        torch_threads: intra-op threads. One per actor: an OpenMP team of two on a core shared with
+            decode threads (or other jobs) waits at every barrier for a descheduled member (measured on
+            2 shared cores: 5-150 pairs/s with 2 threads against a steady 250 with 1).
+        compile_now: compile ssim's CPU kernel on first use instead of after 3 s of eager computation
+            (`SSIM_RAY_COMPILE=always`); for actors with enough pairs ahead to pay for it. An explicit
+            SSIM_RAY_COMPILE in the environment wins.
+        gil_free_kernel: have torch.compile wrap CPU kernels in C++ (`torch._inductor.config.cpp_wrapper`),
+            which releases the GIL while they run. Inductor's default Python binding holds it for the
+            whole kernel call, so an actor's decode threads stalled whenever SSIM ran: measured in one
+            process, SSIM on the main thread with two Pillow decode threads used 1.39 cores (SSIM at 0.69
+            of its alone rate, decoding at 0.28); with the C++ wrapper 1.92 (0.55 and 0.63). The kernels
+            themselves are the same code, so the scores keep their bits.
+    """
+    torch.set_num_threads(max(1, torch_threads))
+    keep_large_blocks_in_heap()
+    if gil_free_kernel:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp_wrapper = True
+    if compile_now:
+        os.environ.setdefault("SSIM_RAY_COMPILE", "always")
