@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ssim_ray import sources
 from ssim_ray.batching import BucketKey, bucket_key
 from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
-from ssim_ray.sources import planning as sources
 from ssim_ray.worker import PROBE_TRIAL_PAIRS, ShardComputer, WorkerSpec, configure_process
 
 DEFAULT_SIZES = (256, 1024)

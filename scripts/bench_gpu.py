@@ -30,8 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ssim_ray.metric import triton_ssim
-from ssim_ray.metric.structural import ssim
+from ssim_ray.metric import ssim
+from ssim_ray.metric.triton import launcher
 
 SIZES = ((64, 3, 256, 256), (8, 3, 512, 512), (2, 3, 2048, 2048))
 DRY_SIZES = ((2, 3, 48, 48),)
@@ -100,12 +100,14 @@ def _peers() -> dict[str, Optional[object]]:
 
 def methods(peers: dict) -> list[tuple[str, str, Callable]]:
     """(name, input dtype, fn(x_u8, y_u8, inputs) -> result) for every method; inputs holds converted copies."""
-    kernel = triton_ssim.ssim_per_channel_triton
+    kernel = launcher.ssim_per_channel_triton
     rows = [
         ("ssim_ray triton kernel", "uint8", lambda i: kernel(i["u8"][0], i["u8"][1], data_range=255.0)),
         ("ssim_ray triton kernel", "float32", lambda i: kernel(i["f32"][0], i["f32"][1], data_range=255.0)),
         ("ssim_ray triton kernel", "float16 (amp storage)", lambda i: kernel(i["f16"][0], i["f16"][1], data_range=1.0)),
         ("ssim_ray.ssim()", "uint8", lambda i: ssim(i["u8"][0], i["u8"][1], data_range=255.0, per_channel=True)),
+        ("ssim_ray.ssim(kernel='triton')", "uint8",
+         lambda i: ssim(i["u8"][0], i["u8"][1], data_range=255.0, per_channel=True, kernel="triton")),
         ("ssim_ray.ssim()", "float32", lambda i: ssim(i["f32"][0], i["f32"][1], data_range=255.0, per_channel=True)),
         ("ssim_ray.ssim() amp", "float32",
          lambda i: ssim(i["f32"][0], i["f32"][1], data_range=255.0, per_channel=True, precision="amp")),
@@ -165,10 +167,10 @@ def tile_sweep(sizes, device: str, timer) -> list[Row]:
     rows = []
     for size in sizes:
         x, y = _inputs(size, device, seed=1)["u8"]
-        window = triton_ssim._window(x.device, win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
+        window = launcher._window(x.device, win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
         for block_w, n_rows, warps, per_lane, unroll in TILE_CONFIGS:
-            tiles = triton_ssim.TileConfig(block_w, n_rows, warps, per_lane, unroll)
-            ms, note = _time_one(timer, lambda _, t=tiles: triton_ssim._same_shape(
+            tiles = launcher.TileConfig(block_w, n_rows, warps, per_lane, unroll)
+            ms, note = _time_one(timer, lambda _, t=tiles: launcher._same_shape(
                 x, y, data_range=255.0, window=window, tiles=t), None)
             name = f"kernel tiles {block_w}x{n_rows}, {warps} warps, {per_lane} col/lane" + (", unrolled" * unroll)
             rows.append(Row(name, "uint8", size, ms, note))

@@ -82,7 +82,9 @@ def scorer(impl: str):
     if impl in ("ssim_ray", "ssim_ray eager"):
         from ssim_ray import ssim
 
-        return lambda x, y: ssim(x, y, data_range=255.0)
+        # The eager row must not use the kernel the compiled row compiled: each names its compile policy.
+        policy = "never" if impl == "ssim_ray eager" else "always"
+        return lambda x, y: ssim(x, y, data_range=255.0, compile=policy)
     if impl == "pytorch-msssim":
         import pytorch_msssim
 
@@ -142,12 +144,6 @@ def prepare(impl: str, dtype: str, x_np: np.ndarray, y_np: np.ndarray):
     return given, torch.from_numpy(x_np).to(as_torch), torch.from_numpy(y_np).to(as_torch)
 
 
-def call(impl: str, score, x, y):
-    # Read per call by ssim_ray: the eager row must not use the kernel the compiled row compiled.
-    os.environ["SSIM_RAY_COMPILE"] = "never" if impl == "ssim_ray eager" else "always"
-    return score(x, y)
-
-
 def measure_memory(case: Case) -> dict:
     """In a fresh process: first call (compiles, for ssim_ray), then the peak RSS growth of a second call."""
     import torch
@@ -156,11 +152,11 @@ def measure_memory(case: Case) -> dict:
     given, x, y = prepare(case.impl, case.dtype, *make_inputs(case.batch, case.side))
     score = scorer(case.impl)
     start = time.perf_counter()
-    scores = call(case.impl, score, x, y)
+    scores = score(x, y)
     first_call = time.perf_counter() - start
     reset_ok = reset_peak_rss()
     base = rss_bytes()
-    call(case.impl, score, x, y)
+    score(x, y)
     return {"impl": case.impl, "given": given, "first_call_s": first_call, "scores": [float(v) for v in scores],
             "peak_mb": (peak_rss_bytes() - base) / 2**20 if reset_ok else None}
 
@@ -184,15 +180,15 @@ def time_interleaved(batch: int, side: int, dtype: str, threads: int, repeats: i
     torch.set_num_threads(threads)
     x_np, y_np = make_inputs(batch, side)
     runs = {impl: (scorer(impl), *prepare(impl, dtype, x_np, y_np)[1:]) for impl in IMPLEMENTATIONS}
-    for impl, (score, x, y) in runs.items():
-        call(impl, score, x, y)  # warm-up: compiles ssim_ray's kernel (or loads it from the cache)
+    for score, x, y in runs.values():
+        score(x, y)  # warm-up: compiles ssim_ray's kernel (or loads it from the cache)
     times = {impl: {"wall_s": [], "cpu_s": []} for impl in IMPLEMENTATIONS}
     for r in range(repeats):
         order = IMPLEMENTATIONS[r % len(IMPLEMENTATIONS):] + IMPLEMENTATIONS[: r % len(IMPLEMENTATIONS)]
         for impl in order:
             score, x, y = runs[impl]
             wall, cpu = time.perf_counter(), time.process_time()
-            call(impl, score, x, y)
+            score(x, y)
             times[impl]["wall_s"].append(time.perf_counter() - wall)
             times[impl]["cpu_s"].append(time.process_time() - cpu)
     return times

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ssim_ray.metric import COMPILE_POLICIES, KERNELS
 from ssim_ray.secrets import reject_credentials
 
 SOURCE_KINDS = ("sample", "parquet", "prefix")
@@ -94,6 +95,10 @@ class SSIMConfig:
     color: `rgb` (default), `gray` (ITU-R 601-2 luma, Pillow's `L`), or `y` (BT.601 studio-swing luma,
         as super-resolution benchmarks use).
     alpha: `drop` the alpha channel of LA/RGBA files, or treat it as an `error`.
+    kernel: `auto` (the torch path, for now), `torch`, or `triton` (the fused CUDA kernel, within 1e-6 of
+        the torch path; it refuses what it cannot score, e.g. CPU tensors or fp64). See `ssim()`.
+    compile: when the CPU torch kernel is compiled: `auto` (after a few seconds of eager work, or before the
+        first shard when an actor's queue pays for it), `always`, `never`. Speed only: the same bits.
     """
 
     data_range: Any = "auto"
@@ -106,6 +111,8 @@ class SSIMConfig:
     gaussian: bool = True
     downsample: Optional[str] = None
     precision: str = "fp32"
+    kernel: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if self.data_range != "auto":
@@ -116,6 +123,8 @@ class SSIMConfig:
         _choice("ssim.alpha", self.alpha, ALPHA_POLICIES)
         _choice("ssim.downsample", self.downsample, DOWNSAMPLE_MODES)
         _choice("ssim.precision", self.precision, PRECISIONS)
+        _choice("ssim.kernel", self.kernel, KERNELS)
+        _choice("ssim.compile", self.compile, COMPILE_POLICIES)
         if self.win_size < 1 or self.win_size % 2 == 0:
             raise ValueError(f"ssim.win_size must be a positive odd integer, got {self.win_size!r}")
         _positive("ssim.sigma", self.sigma)

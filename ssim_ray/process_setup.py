@@ -51,16 +51,16 @@ def keep_large_blocks_in_heap() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_BLOCK_LIMIT))
 
 
-def configure_cpu_compute(*, torch_threads: int, compile_now: bool, gil_free_kernel: bool = True) -> None:
+def configure_cpu_compute(*, torch_threads: int, gil_free_kernel: bool = True) -> None:
     """Set up a process that computes SSIM on the CPU as an actor does (also used by the benchmarks).
+
+    When ssim's CPU kernel compiles is not set here: callers pass `compile=` to ssim() (the worker decides
+    per actor, benchmarks choose per row).
 
     Args:
         torch_threads: intra-op threads. One per actor: an OpenMP team of two on a core shared with
             decode threads (or other jobs) waits at every barrier for a descheduled member (measured on
             2 shared cores: 5-150 pairs/s with 2 threads against a steady 250 with 1).
-        compile_now: compile ssim's CPU kernel on first use instead of after 3 s of eager computation
-            (`SSIM_RAY_COMPILE=always`); for actors with enough pairs ahead to pay for it. An explicit
-            SSIM_RAY_COMPILE in the environment wins.
         gil_free_kernel: have torch.compile wrap CPU kernels in C++ (`torch._inductor.config.cpp_wrapper`),
             which releases the GIL while they run. Inductor's default Python binding holds it for the
             whole kernel call, so an actor's decode threads stalled whenever SSIM ran: measured in one
@@ -74,5 +74,26 @@ def configure_cpu_compute(*, torch_threads: int, compile_now: bool, gil_free_ker
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp_wrapper = True
-    if compile_now:
-        os.environ.setdefault("SSIM_RAY_COMPILE", "always")
+
+
+def quiet_profiler_logs() -> None:
+    """Keep the PyTorch profiler's kineto library from printing two "USDT profiler_start/stop" lines per
+    memory probe: every actor's stderr streams to the driver's terminal. Level 6 keeps it quiet; it is read
+    when a profiler session starts, and a level set by the user wins.
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+def configure_actor_process(*, device: str, torch_threads: int) -> None:
+    """Everything an actor's process sets once before it computes; the only place the job writes the
+    environment of its own processes.
+
+    Args:
+        device: "cpu" or "cuda": the actor's device.
+        torch_threads: intra-op threads (see configure_cpu_compute).
+    """
+    if device == "cpu":
+        # Ray no longer hides GPUs from tasks that asked for none; a CPU actor must not touch one.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    quiet_profiler_logs()
+    configure_cpu_compute(torch_threads=torch_threads, gil_free_kernel=device == "cpu")

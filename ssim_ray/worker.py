@@ -16,13 +16,13 @@ from typing import Dict, List
 
 import torch
 
-from ssim_ray import statuses
+from ssim_ray import sources, statuses
 from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memory
 from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
-from ssim_ray.metric.structural import mean_over_channels, ssim
-from ssim_ray.output import results
-from ssim_ray.process_setup import configure_cpu_compute, peak_rss_bytes
-from ssim_ray.sources import planning as sources
+from ssim_ray.metric import kernel_in_use, mean_over_channels, ssim
+from ssim_ray.output.commit import write_shard_rows
+from ssim_ray.output.schema import result_row
+from ssim_ray.process_setup import configure_actor_process, peak_rss_bytes
 
 # Pairs in the probe's trial batch: enough to make the per-pair peak dominate fixed costs, small enough
 # to be cheap on the largest images.
@@ -73,26 +73,18 @@ class ShardResult:
     # takes each actor's span, which stays right when calls overlap.
     cpu_started: float = 0.0
     cpu_finished: float = 0.0
+    # The kernel that scored the shard (`ssim_ray.metric.kernel_in_use`): 'torch-compiled', 'torch-eager'
+    # or 'triton'; '' where no actor computed (a shard the driver marks failed).
+    kernel: str = ""
 
 
 def _result_row(pair: sources.LoadedPair, shard_id: str) -> dict:
-    return {
-        "pair_id": pair.pair_id,
-        "reference": pair.reference,
-        "distorted": pair.distorted,
-        "ssim": None,
-        "ssim_per_channel": None,
-        "height": None,
-        "width": None,
-        "channels": None,
-        "data_range": pair.data_range,
-        "bit_depth": pair.bit_depth,
-        "status": pair.status,
-        "error": pair.error,
-        "decoder": pair.decoder,
-        "shard_id": shard_id,
-        **pair.passthrough,
-    }
+    """The pair's row as loaded; scores and sizes are filled in once its batch is computed (`_fill_scores`)."""
+    return result_row(
+        pair_id=pair.pair_id, reference=pair.reference, distorted=pair.distorted, status=pair.status,
+        shard_id=shard_id, passthrough=pair.passthrough, error=pair.error, data_range=pair.data_range,
+        bit_depth=pair.bit_depth, decoder=pair.decoder,
+    )
 
 
 class ShardComputer:
@@ -110,7 +102,12 @@ class ShardComputer:
             share=spec.memory_share,
             cap_throughput=True,
         )
-        self._warmed = False
+        # The CPU kernel's compile policy this actor passes to ssim(): the configured one, until an actor
+        # left on 'auto' decides that its work pays for compiling now ('always', see _compile_now).
+        self.compile_policy = spec.ssim.compile
+        # A kernel this device cannot run (kernel=triton without CUDA, fp64...) fails the actor here, with
+        # the metric's reason, instead of every pair of every shard.
+        self._kernel_in_use()
 
     # ------------------------------------------------------------ compute
     def _scores(self, pairs: List[sources.LoadedPair]) -> torch.Tensor:
@@ -132,8 +129,16 @@ class ShardComputer:
             per_channel=True,
             downsample=cfg.downsample,
             precision=cfg.precision,
+            kernel=cfg.kernel,
+            compile=self.compile_policy,
         )
         return per_channel.cpu()
+
+    def _kernel_in_use(self) -> str:
+        """Which kernel scores on this actor's device: 'torch-compiled', 'torch-eager' or 'triton'."""
+        cfg = self.spec.ssim
+        return kernel_in_use(self.device, kernel=cfg.kernel, compile=self.compile_policy, precision=cfg.precision,
+                             win_size=cfg.win_size, sigma=cfg.sigma, gaussian=cfg.gaussian)
 
     def _compute_batch(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
         try:
@@ -176,17 +181,17 @@ class ShardComputer:
             self._compile_now()
 
     def _compile_now(self) -> bool:
-        if self._warmed or self.device.type != "cpu" or os.environ.get("SSIM_RAY_COMPILE"):
+        cfg = self.spec.ssim
+        # Only the CPU torch kernel compiles, and a policy set in the config (or decided already) stands.
+        if self.compile_policy != "auto" or self.device.type != "cpu" or cfg.kernel == "triton":
             return False
-        self._warmed = True
-        os.environ["SSIM_RAY_COMPILE"] = "always"
+        self.compile_policy = "always"
         # One small pair compiles the kernel for every image size (its tiles have a fixed shape); doing it
         # here keeps the compiler's own allocations out of the memory probe's measurement.
-        side = self.spec.ssim.win_size + 16
+        side = cfg.win_size + 16
         ramp = torch.arange(side * side, dtype=torch.float64).reshape(1, 1, side, side) % 251
-        cfg = self.spec.ssim
         ssim(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), win_size=cfg.win_size, sigma=cfg.sigma,
-             gaussian=cfg.gaussian, precision=cfg.precision)
+             gaussian=cfg.gaussian, precision=cfg.precision, kernel=cfg.kernel, compile=self.compile_policy)
         return True
 
     def _flush(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
@@ -231,13 +236,9 @@ class ShardComputer:
             raise RuntimeError(
                 f"shard {shard.shard_id}: expected {shard.num_pairs} pairs, the source yielded {len(rows)}"
             )
-        table = results.rows_to_table(rows, passthrough_columns)
-        results.write_shard(
-            self.spec.output_url,
-            shard.shard_id,
-            table,
-            storage_options=self.spec.output_storage_options,
-            stats=results.shard_stats(table, self.spec.summary),
+        write_shard_rows(
+            self.spec.output_url, shard.shard_id, rows, passthrough_columns=passthrough_columns,
+            summary_cfg=self.spec.summary, storage_options=self.spec.output_storage_options,
         )
         counts: Dict[str, int] = defaultdict(int)
         for row in rows:
@@ -254,15 +255,13 @@ class ShardComputer:
             peak_rss_bytes=peak_rss_bytes(),
             cpu_started=cpu_started,
             cpu_finished=time.process_time(),
+            kernel=self._kernel_in_use(),
         )
 
 
 def configure_process(spec: WorkerSpec) -> None:
     """Per-process set-up of an actor: torch threads, allocator, kernel compilation, no GPU for CPU actors."""
-    if spec.device == "cpu":
-        # Ray no longer hides GPUs from tasks that asked for none; a CPU actor must not touch one.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    configure_cpu_compute(torch_threads=spec.torch_threads, compile_now=False, gil_free_kernel=spec.device == "cpu")
+    configure_actor_process(device=spec.device, torch_threads=spec.torch_threads)
 
 
 class ShardWorker:

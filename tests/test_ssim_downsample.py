@@ -22,7 +22,8 @@ from skimage import data
 from skimage.metrics import structural_similarity
 
 from ssim_ray import ssim
-from ssim_ray.metric.structural import matlab_round, output_size, wang_downsample_factor
+from ssim_ray.metric import output_size, wang_downsample_factor
+from ssim_ray.metric.window import matlab_round
 
 
 def matlab_ssim_m_downsample(img: np.ndarray, f: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssim_ray import ssim
-from ssim_ray.metric.structural import gaussian_window_1d, metric_settings
+from ssim_ray.metric import gaussian_window_1d, metric_settings
 
 GOOD = torch.rand(2, 3, 32, 32)
 

@@ -20,7 +20,7 @@ from PIL import Image
 from skimage import data
 
 from ssim_ray import ssim
-from ssim_ray.metric.structural import mean_over_channels
+from ssim_ray.metric import mean_over_channels
 
 
 def real_pairs(count: int, channels: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,26 +53,22 @@ def alone(x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
 
 
 @pytest.fixture(params=["never", "always"])
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the eager tile kernel and again with the compiled one (SSIM_RAY_COMPILE)."""
-    monkeypatch.setenv("SSIM_RAY_COMPILE", request.param)
+def policy(request: pytest.FixtureRequest) -> str:
+    """Run a test with the eager tile kernel and again with the compiled one (ssim's `compile=`)."""
     return request.param
 
 
-BATCH_CASES = [(kernel, precision, shape) for kernel in ("always", "never") for precision in ("fp32", "fp64")
+BATCH_CASES = [(policy, precision, shape) for policy in ("always", "never") for precision in ("fp32", "fp64")
                for shape in ((3, 37, 53), (1, 64, 21), (4, 11, 300))
                # The eager kernel is 10-20x slower (and thin images waste most of a tile): two cases of it.
-               if kernel == "always" or (precision, shape) in (("fp32", (3, 37, 53)), ("fp64", (1, 64, 21)))]
+               if policy == "always" or (precision, shape) in (("fp32", (3, 37, 53)), ("fp64", (1, 64, 21)))]
 
 
 @pytest.mark.parametrize("mode, precision, shape", BATCH_CASES)
-def test_every_batch_size_from_1_to_64_gives_the_same_bits(
-    monkeypatch: pytest.MonkeyPatch, mode: str, precision: str, shape: tuple
-) -> None:
-    monkeypatch.setenv("SSIM_RAY_COMPILE", mode)
+def test_every_batch_size_from_1_to_64_gives_the_same_bits(mode: str, precision: str, shape: tuple) -> None:
     count = 64 if mode == "always" else 16  # the eager kernel: fewer pairs, same question
     x, y = real_pairs(count, *shape, seed=shape[1])
-    want = alone(x, y, precision=precision)
+    want = alone(x, y, precision=precision, compile=mode)
     assert len(set(want[:, 0].tolist())) == count  # different pairs, not one repeated
     # Every size once (compiled, the first case); elsewhere sizes around the kernel's 32-tile chunks.
     if (mode, precision, shape) == BATCH_CASES[0]:
@@ -80,20 +76,19 @@ def test_every_batch_size_from_1_to_64_gives_the_same_bits(
     else:
         sizes = (1, 2, 3, 7, 16, 31, 33, 64) if mode == "always" else (1, 5, 16)
     for size in sizes:
-        got = torch.cat([ssim(x[i : i + size], y[i : i + size], per_channel=True, precision=precision)
+        got = torch.cat([ssim(x[i : i + size], y[i : i + size], per_channel=True, precision=precision, compile=mode)
                          for i in range(0, count, size)])
         assert torch.equal(got, want), f"batch size {size}: {(got - want).abs().max().item()}"
 
 
-def test_large_images_batch_of_one_equals_batch_of_sixteen(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_images_batch_of_one_equals_batch_of_sixteen() -> None:
     """The benchmark shape: where a reduction kernel would split work across threads differently.
 
     Compiled kernel only: the eager one gives the same bits (test_compiled_and_eager_kernels_...)."""
-    monkeypatch.setenv("SSIM_RAY_COMPILE", "always")
     x, y = real_pairs(16, 3, 256, 256, seed=5)
-    batched = ssim(x, y, per_channel=True)
-    assert torch.equal(batched, alone(x, y))
-    assert torch.equal(ssim(x[3:4], y[3:4], per_channel=True), batched[3:4])
+    batched = ssim(x, y, per_channel=True, compile="always")
+    assert torch.equal(batched, alone(x, y, compile="always"))
+    assert torch.equal(ssim(x[3:4], y[3:4], per_channel=True, compile="always"), batched[3:4])
 
 
 def test_position_in_batch_does_not_matter() -> None:
@@ -104,22 +99,24 @@ def test_position_in_batch_does_not_matter() -> None:
         assert torch.equal(ssim(x[order], y[order], per_channel=True), want[order])
 
 
-def test_ragged_groupings_give_the_same_bits_as_alone(kernel: str) -> None:
+def test_ragged_groupings_give_the_same_bits_as_alone(policy: str) -> None:
     shapes = [(3, 23, 31), (3, 64, 48), (3, 11, 11), (3, 100, 37)]
-    per_shape = 6 if kernel == "always" else 3  # the eager kernel is 10-20x slower: fewer pairs
+    per_shape = 6 if policy == "always" else 3  # the eager kernel is 10-20x slower: fewer pairs
     pairs = [real_pairs(per_shape, *shape, seed=i) for i, shape in enumerate(shapes)]
     xs = [x[j] for x, _ in pairs for j in range(per_shape)]
     ys = [y[j] for _, y in pairs for j in range(per_shape)]
-    want = torch.cat([alone(x, y) for x, y in pairs])
-    assert torch.equal(ssim(xs, ys, per_channel=True), want)
-    for seed in range(4 if kernel == "always" else 2):
+    want = torch.cat([alone(x, y, compile=policy) for x, y in pairs])
+    assert torch.equal(ssim(xs, ys, per_channel=True, compile=policy), want)
+    for seed in range(4 if policy == "always" else 2):
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(xs))
-        got = ssim([xs[i] for i in order], [ys[i] for i in order], per_channel=True)
+        got = ssim([xs[i] for i in order], [ys[i] for i in order], per_channel=True, compile=policy)
         assert torch.equal(got, want[torch.from_numpy(order)])
         cut = int(rng.integers(1, len(xs)))  # the same pairs split over two calls
-        parts = torch.cat([ssim([xs[i] for i in order[:cut]], [ys[i] for i in order[:cut]], per_channel=True),
-                           ssim([xs[i] for i in order[cut:]], [ys[i] for i in order[cut:]], per_channel=True)])
+        parts = torch.cat([
+            ssim([xs[i] for i in order[:cut]], [ys[i] for i in order[:cut]], per_channel=True, compile=policy),
+            ssim([xs[i] for i in order[cut:]], [ys[i] for i in order[cut:]], per_channel=True, compile=policy),
+        ])
         assert torch.equal(parts, want[torch.from_numpy(order)])
 
 
@@ -153,15 +150,15 @@ def test_many_channels_overall_score_is_mean_over_channels_in_any_batch(channels
     assert torch.equal(ssim(x[1:2], y[1:2]), ssim(x, y)[1:2])
 
 
-def test_thread_count_does_not_change_bits(kernel: str) -> None:
+def test_thread_count_does_not_change_bits(policy: str) -> None:
     """Ray workers may run with different thread counts; the bits must not notice."""
     x, y = real_pairs(8, 3, 96, 80, seed=2)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ssim(x, y, per_channel=True)
+        one = ssim(x, y, per_channel=True, compile=policy)
         torch.set_num_threads(2)
-        two = ssim(x, y, per_channel=True)
+        two = ssim(x, y, per_channel=True, compile=policy)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -177,7 +174,7 @@ def test_repeated_calls_give_the_same_bits() -> None:
 RUN_IN_FRESH_PROCESS = """
 import sys, torch
 from ssim_ray import ssim
-from ssim_ray.metric.structural import mean_over_channels
+from ssim_ray.metric import mean_over_channels
 x, y = torch.load(sys.argv[1])
 print(ssim(x, y, per_channel=True).double().numpy().tobytes().hex())
 """
@@ -197,8 +194,7 @@ def test_fresh_process_gives_the_same_bits(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("precision", ["fp32", "fp64"])
-def test_compiled_and_eager_kernels_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
-                                                        precision: str) -> None:
+def test_compiled_and_eager_kernels_give_the_same_bits(dtype: torch.dtype, precision: str) -> None:
     """The compiled kernel is only an optimisation: whichever one a process uses, the bits are the same."""
     shapes = [(3, 11, 11), (3, 75, 140), (3, 139, 300), (3, 257, 129)]  # one tile, tile edges, several tiles
     xs = [x[0] for x, _ in (real_pairs(1, *s, seed=i) for i, s in enumerate(shapes))]
@@ -207,15 +203,14 @@ def test_compiled_and_eager_kernels_give_the_same_bits(monkeypatch: pytest.Monke
     data_range = None if dtype in (torch.uint8, torch.uint16) else 255.0
     results = {}
     for mode in ("never", "always"):  # (other windows: the same code with other taps; each costs a compile)
-        monkeypatch.setenv("SSIM_RAY_COMPILE", mode)
-        results[mode] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision)
+        results[mode] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision, compile=mode)
     assert torch.equal(results["never"], results["always"])
 
 
 def test_each_compiled_kernel_has_its_own_code_object() -> None:
     """Regression: every (dtype, window) kernel once shared one code object, whose 8 torch.compile variants
     ran out after a few dtypes x windows x thread counts ('recompile limit exceeded' in the middle of a run)."""
-    from ssim_ray.metric.structural import _CompiledTiles
+    from ssim_ray.metric.compiled import _CompiledTiles
 
     runners = [_CompiledTiles([1.0 / w] * w) for w in (3, 5, 7, 9, 11, 13, 15, 17, 19)]
     for runner in runners:

@@ -16,8 +16,10 @@ from PIL import Image
 from skimage import data, filters
 from skimage.metrics import structural_similarity
 
-from ssim_ray.metric import triton_ssim
-from ssim_ray.metric.structural import _wang_downsample, ssim, wang_downsample_factor
+from ssim_ray.metric import ssim, wang_downsample_factor
+from ssim_ray.metric.triton import launcher
+from ssim_ray.metric.triton.memory import triton_workspace_bytes
+from ssim_ray.metric.window import wang_downsample
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +37,7 @@ GOLDEN_TOL = 1e-6
 @pytest.fixture(scope="module", autouse=True)
 def _compiled_kernel_on_cuda():
     # Fail, never skip: a GPU check that silently fell back to something else would prove nothing.
-    assert triton_ssim.triton_available(), "triton is not importable or runs interpreted on this CUDA machine"
+    assert launcher.triton_available(), "triton is not importable or runs interpreted on this CUDA machine"
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -83,7 +85,7 @@ def _skimage(x: torch.Tensor, y: torch.Tensor, data_range: float) -> list[float]
 
 
 def _kernel(x: torch.Tensor, y: torch.Tensor, data_range) -> torch.Tensor:
-    return triton_ssim.ssim_per_channel_triton(x.to(DEVICE), y.to(DEVICE), data_range=data_range)
+    return launcher.ssim_per_channel_triton(x.to(DEVICE), y.to(DEVICE), data_range=data_range)
 
 
 def _max_abs(a, b) -> float:
@@ -165,7 +167,7 @@ def test_wang_downsampling_as_a_prior_pass():
     img = data.astronaut()  # 512 x 512: f = 2
     x, y = _chw(img)[None], _chw(_jpeg(img, 20))[None]
     f = wang_downsample_factor(512, 512)
-    xd, yd = _wang_downsample(x.float(), f), _wang_downsample(y.float(), f)
+    xd, yd = wang_downsample(x.float(), f), wang_downsample(y.float(), f)
     ref = ssim(x, y, data_range=255.0, downsample="wang", per_channel=True, precision="fp64")
     assert _max_abs(_kernel(xd, yd, 255.0).cpu(), ref) <= FP32_TOL
 
@@ -211,9 +213,9 @@ def test_ragged_batch_matches_each_pair_alone_bitwise():
     xs = [photo[:, :h, :w].contiguous().to(DEVICE) for h, w in sizes]
     ys = [_chw(_jpeg(x.permute(1, 2, 0).cpu().numpy(), 25)).to(DEVICE) for x in xs]
     ranges = torch.tensor([255.0, 255.0, 300.0, 255.0, 510.0], dtype=torch.float64, device=DEVICE)
-    ragged = triton_ssim.ssim_per_channel_triton_ragged(xs, ys, data_range=ranges)
+    ragged = launcher.ssim_per_channel_triton_ragged(xs, ys, data_range=ranges)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        alone = triton_ssim.ssim_per_channel_triton(x[None], y[None], data_range=float(ranges[i]))
+        alone = launcher.ssim_per_channel_triton(x[None], y[None], data_range=float(ranges[i]))
         assert torch.equal(ragged[i], alone[0]), i
         assert _max_abs(ragged[i].tolist(), _skimage(x, y, float(ranges[i]))) <= FP32_TOL, i
 
@@ -231,23 +233,23 @@ def test_workspace_bytes_equal_the_measured_peak(shape, dtype):
     y = torch.randint(0, 256, shape, device=DEVICE).to(dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # the randint temporaries are not the kernel's
-    triton_ssim.ssim_per_channel_triton(x, y, data_range=255.0)
+    launcher.ssim_per_channel_triton(x, y, data_range=255.0)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
-    reported = triton_ssim.triton_workspace_bytes(*shape, dtype)
+    reported = triton_workspace_bytes(*shape, dtype)
     # Equal up to the caching allocator's segment rounding of the two inputs (at most 2 MiB each).
     assert abs(measured - reported) <= 2 * 2 * 2**20, (measured, reported)
 
 
 # ----------------------------------- two columns per lane, unrolled rows (offered to the benchmark's sweep)
 
-PAIRED = triton_ssim.TileConfig(128, 64, 2, 2)
-UNROLLED = triton_ssim.TileConfig(128, 64, 4, 1, True)
+PAIRED = launcher.TileConfig(128, 64, 2, 2)
+UNROLLED = launcher.TileConfig(128, 64, 4, 1, True)
 
 
 def _paired(x: torch.Tensor, y: torch.Tensor, data_range: float, tiles=PAIRED) -> torch.Tensor:
-    window = triton_ssim._window(torch.device(DEVICE), win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
-    return triton_ssim._same_shape(x.to(DEVICE), y.to(DEVICE), data_range=data_range, window=window, tiles=tiles)
+    window = launcher._window(torch.device(DEVICE), win_size=11, sigma=1.5, k1=0.01, k2=0.03, gaussian=True)
+    return launcher._same_shape(x.to(DEVICE), y.to(DEVICE), data_range=data_range, window=window, tiles=tiles)
 
 
 def test_two_columns_per_lane_match_skimage_and_the_default_tiles():

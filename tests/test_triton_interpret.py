@@ -1,11 +1,11 @@
 """The Triton SSIM kernel on the CPU (TRITON_INTERPRET=1), against float64 references on real photographs.
 
 Why a child process: triton reads TRITON_INTERPRET when a kernel is *decorated*, that is when
-`ssim_ray.metric.triton_ssim` is first imported. Another test module, or `ssim_ray.metric.structural` dispatching to the kernel,
-may import it first in this pytest process as compiled CUDA kernels, and setting the variable here would then
-change nothing (and setting it for the whole process would turn every other triton user into the
-interpreter). So this module writes its inputs to a file, runs this very file as a child with the variable
-set (`python tests/test_triton_interpret.py run IN OUT`), and reads back the kernel's raw float32 results;
+`ssim_ray.metric.triton.kernels` is first imported, which `import ssim_ray` does. This pytest process has
+long imported them as compiled CUDA kernels, and setting the variable here would then change nothing (and
+setting it for the whole process would turn every other triton user into the interpreter). So this module
+writes its inputs to a file, runs this very file as a child with the variable set
+(`python tests/test_triton_interpret.py run IN OUT`), and reads back the kernel's raw float32 results;
 references and assertions stay in the parent. A second child, with the variable unset, compiles the kernel
 for a CUDA target (no GPU needed) to check what only compiled code can get wrong.
 
@@ -32,8 +32,10 @@ from PIL import Image  # noqa: E402
 from skimage import data, filters  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 
-from ssim_ray.metric import triton_ssim  # noqa: E402
-from ssim_ray.metric.structural import _wang_downsample, ssim, wang_downsample_factor  # noqa: E402
+from ssim_ray.metric import ssim, wang_downsample_factor  # noqa: E402
+from ssim_ray.metric.triton import kernels, launcher  # noqa: E402
+from ssim_ray.metric.triton.memory import triton_workspace_bytes  # noqa: E402
+from ssim_ray.metric.window import wang_downsample  # noqa: E402
 
 # Small tiles, so that crops of a few dozen pixels span several tile rows and columns; the second computes
 # two adjacent columns per lane (the variant offered to the GPU benchmark).
@@ -126,7 +128,7 @@ def _downsampled_case() -> dict:
     x, y = _chw(camera, torch.uint8)[None], _chw(_noisy(camera, 20, 11), torch.uint8)[None]
     f = wang_downsample_factor(*camera.shape)
     return {
-        "x": _wang_downsample(x.float(), f), "y": _wang_downsample(y.float(), f), "data_range": 255.0,
+        "x": wang_downsample(x.float(), f), "y": wang_downsample(y.float(), f), "data_range": 255.0,
         "originals": (x, y), "factor": f,
     }
 
@@ -249,7 +251,7 @@ def results(tmp_path_factory) -> dict:
 
 def _child_run(cases_path: str, out_path: str) -> None:
     cases = torch.load(cases_path)
-    out = {"interpreted": triton_ssim._interpreted(), "triton_available": triton_ssim.triton_available()}
+    out = {"interpreted": launcher.triton_interpreted(), "triton_available": launcher.triton_available()}
     for name, case in cases.items():
         out[name] = _call_kernel(case)
     torch.save(out, out_path)
@@ -259,19 +261,19 @@ def _call_kernel(case: dict) -> torch.Tensor:
     options = {k: case[k] for k in ("win_size", "sigma", "gaussian") if k in case}
     if "tiles" not in case:
         if "xs" in case:
-            return triton_ssim.ssim_per_channel_triton_ragged(
+            return launcher.ssim_per_channel_triton_ragged(
                 case["xs"], case["ys"], data_range=case["data_range"], **options
             )
-        return triton_ssim.ssim_per_channel_triton(case["x"], case["y"], data_range=case["data_range"], **options)
-    tiles = triton_ssim.TileConfig(*case["tiles"])
+        return launcher.ssim_per_channel_triton(case["x"], case["y"], data_range=case["data_range"], **options)
+    tiles = launcher.TileConfig(*case["tiles"])
     device = (case["xs"][0] if "xs" in case else case["x"]).device
-    window = triton_ssim._window(
+    window = launcher._window(
         device, win_size=options.get("win_size", 11), sigma=options.get("sigma", 1.5), k1=0.01, k2=0.03,
         gaussian=options.get("gaussian", True),
     )
     if "xs" in case:
-        return triton_ssim._ragged(case["xs"], case["ys"], data_range=case["data_range"], window=window, tiles=tiles)
-    return triton_ssim._same_shape(case["x"], case["y"], data_range=case["data_range"], window=window, tiles=tiles)
+        return launcher._ragged(case["xs"], case["ys"], data_range=case["data_range"], window=window, tiles=tiles)
+    return launcher._same_shape(case["x"], case["y"], data_range=case["data_range"], window=window, tiles=tiles)
 
 
 def _child_compile(out_path: str) -> None:
@@ -287,12 +289,12 @@ def _child_compile(out_path: str) -> None:
         "RAGGED": "constexpr", "RANGE_PER_IMAGE": "constexpr", "BLOCK_W": "constexpr", "ROWS": "constexpr",
         "COLS_PER_LANE": "constexpr", "UNROLL_ROWS": "constexpr",
     }
-    tiles = triton_ssim.DEFAULT_TILES
+    tiles = launcher.DEFAULT_TILES
     constants = {
         "WIN": 11, "RAGGED": False, "RANGE_PER_IMAGE": False, "BLOCK_W": tiles.block_w, "ROWS": tiles.rows,
         "COLS_PER_LANE": tiles.cols_per_lane, "UNROLL_ROWS": tiles.unroll_rows,
     }
-    source = ASTSource(fn=triton_ssim._ssim_tiles_kernel, signature=signature, constexprs=constants)
+    source = ASTSource(fn=kernels.ssim_tiles_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
     Path(out_path).write_text(compiled.asm["ttgir"])
 
@@ -312,7 +314,7 @@ def _scores(results: dict, name: str) -> list[list[float]]:
 @pytest.mark.slow
 def test_child_ran_the_interpreter_and_dispatch_stays_off(results):
     assert results["out"]["interpreted"] is True
-    # The interpreter works on CPU tensors, but ssim_ray.metric.structural must never pick it as a fast path.
+    # The interpreter works on CPU tensors, but ssim() must never pick it as a fast path on its own.
     assert results["out"]["triton_available"] is False
 
 
@@ -462,7 +464,7 @@ def test_compiled_kernel_carries_the_whole_sliding_window(tmp_path):
         carried = re.search(r"->\s*\((.*?)\)\s*:", loop)
         assert carried is not None, loop
         # Ten window rows of four moments, each a (BLOCK_W,) float32 tensor.
-        window_values = carried.group(1).count(f"tensor<{triton_ssim.DEFAULT_TILES.block_w}xf32")
+        window_values = carried.group(1).count(f"tensor<{launcher.DEFAULT_TILES.block_w}xf32")
         assert window_values >= 40, loop
 
 
@@ -483,15 +485,14 @@ def _u8(*shape: int, device: str = "cpu") -> torch.Tensor:
         (_u8(1, 1, 16, 16).double(), _u8(1, 1, 16, 16).double(), {}, TypeError, r"one of uint8, .*got torch.float64"),
         (_u8(1, 1, 16, 16).bool(), _u8(1, 1, 16, 16).bool(), {}, TypeError, r"got torch.bool"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"win_size": 13}, ValueError, r"from 1 to 11, got 13"),
-        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"win_size": 8}, ValueError, r"must be odd, got 8"),
-        (_u8(1, 1, 10, 40), _u8(1, 1, 10, 40), {}, ValueError, r"at least 11x11 \(the window\), got 10x40"),
+        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"win_size": 8}, ValueError, r"positive odd integer, got 8"),
+        (_u8(1, 1, 10, 40), _u8(1, 1, 10, 40), {}, ValueError, r"at least 11x11 \(the window\) for SSIM, got 10x40"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": 0.0}, ValueError, r"data_range must be .*got 0.0"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": float("nan")}, ValueError, r"got nan"),
-        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": True}, ValueError, r"got True"),
+        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"data_range": True}, TypeError, r"got bool True"),
         (_u8(2, 1, 16, 16), _u8(2, 1, 16, 16), {"data_range": torch.ones(3)}, ValueError,
          r"shape \(2,\), got .* \(3,\)"),
-        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"k1": 0.0}, ValueError,
-         r"k1 must be a positive finite number, got 0.0"),
+        (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"k1": 0.0}, ValueError, r"k1 must be a finite number > 0, got 0.0"),
         (_u8(1, 1, 16, 16), _u8(1, 1, 16, 16), {"sigma": -1.0}, ValueError, r"sigma must be .*got -1.0"),
         (_u8(1, 1, 16, 16, device="meta"), _u8(1, 1, 16, 16, device="meta"), {}, ValueError, r"device, got meta"),
         (_u8(65536, 1, 16, 16, device="meta"), _u8(65536, 1, 16, 16, device="meta"), {}, ValueError,
@@ -499,9 +500,10 @@ def _u8(*shape: int, device: str = "cpu") -> torch.Tensor:
     ],
 )
 def test_invalid_input_names_expected_and_got(x, y, options, error, message):
+    """ssim()'s own rules (through ssim_ray.metric.checks, same messages) and the kernel's extra ones."""
     options = {"data_range": 255.0, **options}
     with pytest.raises(error, match=message):
-        triton_ssim.ssim_per_channel_triton(x, y, **options)
+        launcher.ssim_per_channel_triton(x, y, **options)
 
 
 @pytest.mark.parametrize(
@@ -517,27 +519,27 @@ def test_invalid_input_names_expected_and_got(x, y, options, error, message):
 )
 def test_invalid_ragged_input_names_expected_and_got(xs, ys, message):
     with pytest.raises(ValueError, match=message):
-        triton_ssim.ssim_per_channel_triton_ragged(xs, ys, data_range=255.0)
+        launcher.ssim_per_channel_triton_ragged(xs, ys, data_range=255.0)
 
 
 def test_tile_config_refuses_untested_shapes():
     with pytest.raises(ValueError, match=r"cols_per_lane must be 1 or 2 and divide block_w"):
-        triton_ssim.TileConfig(128, 64, 4, 4)
+        launcher.TileConfig(128, 64, 4, 4)
 
 
 def test_workspace_counts_inputs_and_grows_with_the_batch_only_by_the_kernels_own_buffers():
-    one = triton_ssim.triton_workspace_bytes(1, 3, 256, 256, torch.uint8)
-    many = triton_ssim.triton_workspace_bytes(64, 3, 256, 256, torch.uint8)
+    one = triton_workspace_bytes(1, 3, 256, 256, torch.uint8)
+    many = triton_workspace_bytes(64, 3, 256, 256, torch.uint8)
     inputs = 2 * 64 * 3 * 256 * 256
     # No SSIM maps: beyond the inputs, the kernel holds a few bytes per tile, far below one fp32 map.
     assert inputs < many < inputs + 64 * 3 * 246 * 246 * 4 // 100
     assert many > 64 * (one - 2 * 3 * 256 * 256) // 2
-    assert triton_ssim.triton_workspace_bytes(2, 3, 256, 256, torch.float32) > 4 * triton_ssim.triton_workspace_bytes(
+    assert triton_workspace_bytes(2, 3, 256, 256, torch.float32) > 4 * triton_workspace_bytes(
         2, 3, 256, 256, torch.uint8) - 4096
     with pytest.raises(ValueError, match=r"at least 11x11 .*got 8x300"):
-        triton_ssim.triton_workspace_bytes(1, 1, 8, 300, torch.uint8)
+        triton_workspace_bytes(1, 1, 8, 300, torch.uint8)
     with pytest.raises(TypeError, match=r"got torch.int32"):
-        triton_ssim.triton_workspace_bytes(1, 1, 16, 16, torch.int32)
+        triton_workspace_bytes(1, 1, 16, 16, torch.int32)
 
 
 if __name__ == "__main__":

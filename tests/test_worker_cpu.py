@@ -1,8 +1,10 @@
 """A CPU actor's process set-up changes how fast ssim runs, never what it returns.
 
-`worker.configure_cpu_compute` compiles ssim's kernel with inductor's C++ wrapper (which releases the GIL)
-and keeps large blocks in glibc's heap. Each configuration runs in its own process, because the compiled
-kernel is built once per process: the scores of real photo pairs must have the same bits either way.
+`process_setup.configure_cpu_compute` has ssim's kernel compiled with inductor's C++ wrapper (which releases
+the GIL) and keeps large blocks in glibc's heap. Each configuration runs in its own process, because the
+compiled kernel is built once per process: the scores of real photo pairs must have the same bits either way.
+The actor's compile decision is its own attribute, passed to ssim() as `compile=`, never an environment
+variable.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from PIL import Image, ImageFilter
 from skimage import data
 from ssim_ray.process_setup import configure_cpu_compute
 
-configure_cpu_compute(torch_threads=1, compile_now=True, gil_free_kernel=sys.argv[1] == "1")
-from ssim_ray.metric.structural import ssim
+configure_cpu_compute(torch_threads=1, gil_free_kernel=sys.argv[1] == "1")
+from ssim_ray.metric import ssim
 
 def jpeg(pixels, quality):
     buffer = io.BytesIO()
@@ -40,11 +42,12 @@ pairs = [
 ]
 x = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1) for a, _ in pairs])
 y = torch.stack([torch.from_numpy(np.array(b)).permute(2, 0, 1) for _, b in pairs])
-batched = ssim(x, y, per_channel=True).flatten().tolist()
-alone = [v for i in range(len(pairs)) for v in ssim(x[i : i + 1], y[i : i + 1], per_channel=True).flatten().tolist()]
-core = sys.modules["ssim_ray.metric.structural"]  # the package's `ssim` attribute is the function
+batched = ssim(x, y, per_channel=True, compile="always").flatten().tolist()
+alone = [v for i in range(len(pairs))
+         for v in ssim(x[i : i + 1], y[i : i + 1], per_channel=True, compile="always").flatten().tolist()]
+runners = sys.modules["ssim_ray.metric.compiled"]
 import torch._inductor.config as inductor_config
-compiled = [k.compiled is not None and k.failed is None for k in core._kernels.values()]
+compiled = [k.compiled is not None and k.failed is None for k in runners._kernels.values()]
 print(json.dumps({"batched": [v.hex() for v in batched], "alone": [v.hex() for v in alone],
                   "compiled": compiled, "cpp_wrapper": inductor_config.cpp_wrapper}))
 """
@@ -52,7 +55,7 @@ print(json.dumps({"batched": [v.hex() for v in batched], "alone": [v.hex() for v
 
 def _scores(gil_free: bool) -> dict:
     run = subprocess.run([sys.executable, "-c", _SCORE_PAIRS, "1" if gil_free else "0"], capture_output=True,
-                         text=True, timeout=600, env={"SSIM_RAY_COMPILE": "always", "PATH": "/usr/bin:/bin"})
+                         text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -78,9 +81,10 @@ spec = WorkerSpec(source=SourceConfig(kind="sample"), ssim=SSIMConfig(), batch=B
                   memory_share=1.0, expected_pairs=int(sys.argv[1]))
 computer = ShardComputer(spec)
 compiled_now = computer.warm_up_at_start()
-core = sys.modules["ssim_ray.metric.structural"]
-kernels = [k.compiled is not None and k.failed is None for k in core._kernels.values()]
-print(json.dumps({"compiled_now": compiled_now, "kernels": kernels, "policy": os.environ.get("SSIM_RAY_COMPILE")}))
+runners = sys.modules["ssim_ray.metric.compiled"]
+kernels = [k.compiled is not None and k.failed is None for k in runners._kernels.values()]
+print(json.dumps({"compiled_now": compiled_now, "kernels": kernels, "policy": computer.compile_policy,
+                  "in_use": computer._kernel_in_use(), "environ": sorted(k for k in os.environ if "SSIM" in k)}))
 """
 
 
@@ -94,4 +98,18 @@ def test_an_actor_with_a_long_queue_compiles_before_its_first_shard(expected_pai
     # Compiled before any shard: the kernel exists and ssim() will use it from the first batch on; a short
     # queue leaves ssim's own policy (compile after 3 s of eager work) in charge.
     assert state["kernels"] == ([True] if compiles else [])
-    assert state["policy"] == ("always" if compiles else None)
+    assert state["policy"] == ("always" if compiles else "auto")
+    assert state["in_use"] == ("torch-compiled" if compiles else "torch-eager")  # what ShardResult.kernel says
+    assert state["environ"] == []
+
+
+def test_an_actor_refuses_a_kernel_its_device_cannot_run():
+    """kernel=triton on a CPU actor fails as the actor starts, with the metric's reason, not pair by pair."""
+    from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
+    from ssim_ray.worker import ShardComputer, WorkerSpec
+
+    spec = WorkerSpec(source=SourceConfig(kind="sample"), ssim=SSIMConfig(kernel="triton"), batch=BatchConfig(),
+                      summary=SummaryConfig(), output_url="unused", output_storage_options={}, device="cpu",
+                      torch_threads=1, decode_threads=1, memory_share=1.0)
+    with pytest.raises(ValueError, match=r"kernel='triton' cannot score this call: .*(cpu|triton is not installed)"):
+        ShardComputer(spec)

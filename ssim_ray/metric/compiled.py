@@ -1,0 +1,146 @@
+"""The torch path's kernel runner: eager tile sums, or on CPU a torch.compile'd kernel, per the compile policy.
+
+torch.compile turns the ~300 elementwise ops of a tile batch into fused, vectorised C++ loops (about 10-20x
+faster than eager on CPU) but costs seconds to compile, in every process. The caller's `compile` policy says
+when to pay: 'auto' compiles once the process has spent COMPILE_AFTER_S seconds in the eager kernel for that
+dtype and window (short runs - tests, small jobs, workers that score a handful of pairs - never pay, and a
+long run pays at most that much extra), 'always' compiles on first use, 'never' stays eager. The bits are
+the same either way (`ssim_ray.metric.tiles`), so the policy is a matter of speed only. Other devices run
+the eager kernel.
+
+The compiled kernel is single-threaded (no OpenMP) and torch.get_num_threads() Python threads take chunks
+of tiles from a queue: OpenMP's barriers, several per chunk, made the kernel 5x slower with two threads
+than with one whenever another process held a core (measured on a shared 2-core machine), while a queue
+of independent chunks only loses the share of the busy core.
+
+State kept here is a cache, not configuration: one runner per (dtype, window) per process, holding its
+compiled kernel and its eager seconds, and one thread pool per thread count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
+
+import torch
+
+from ssim_ray.metric.tiles import TILES_PER_CALL, Chunk, eager_tile_sums, join_sums, split_tiles, tile_sums
+
+COMPILE_AFTER_S = 3.0
+_kernels: dict = {}
+_kernel_lock = threading.Lock()
+_pools: dict = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _kernel_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssim_ray")
+        return _pools[threads]
+
+
+class _CompiledTiles:
+    """The compiled tile kernel for one (dtype, window) on CPU, or the eager one until it pays to compile."""
+
+    def __init__(self, taps: List[float]) -> None:
+        self.taps = taps
+        self.eager_seconds = 0.0
+        self.compiled = None
+        self.ready_for_threads: set = set()
+        self.failed: Optional[str] = None
+
+    def wants_compile(self, policy: str) -> bool:
+        if self.compiled is not None or self.failed is not None or policy == "never":
+            return False
+        return policy == "always" or self.eager_seconds >= COMPILE_AFTER_S
+
+    def compile(self) -> None:
+        import torch._inductor.config  # noqa: F401 - loaded here, not at import: only compiling needs it
+
+        taps = self.taps
+
+        def kernel(x, y, rows, cols, consts):
+            return tile_sums(x, y, rows, cols, consts, taps)
+
+        # torch.compile keeps its compiled variants on the function's code object, at most 8 of them; every
+        # runner's `kernel` shares one code object, so (dtype, window, thread count) variants would add up
+        # and hit that limit. A code object of its own per runner keeps them apart.
+        kernel.__code__ = kernel.__code__.replace(co_name=f"ssim_tiles_{id(self):x}")
+        # One static shape, TILES_PER_CALL tiles of one size, for every image size and batch: compiled once.
+        # (Marking the tile count dynamic instead cost 1.6x the CPU time per tile and as long to compile.)
+        self.compiled = torch.compile(kernel, dynamic=False, fullgraph=True)
+
+    def call(self, chunk: Chunk, consts: torch.Tensor) -> torch.Tensor:
+        return self.compiled(*chunk, consts)
+
+    def compiled_sums(self, chunks: List[Chunk], consts: torch.Tensor) -> List[torch.Tensor]:
+        threads = torch.get_num_threads()
+        first = []
+        if threads not in self.ready_for_threads:
+            # torch.compile guards on the thread count: (re)compile here, single-threaded code, one at a time.
+            with _kernel_lock, torch._inductor.config.patch({"cpp.threads": 1}):
+                first = [self.call(chunks[0], consts)]
+                self.ready_for_threads.add(threads)
+        rest = chunks[len(first):]
+        return first + list(_pool(threads).map(lambda chunk: self.call(chunk, consts), rest))
+
+    def uses_compiled(self, policy: str) -> bool:
+        """Whether a call under `policy` runs the compiled kernel, as things stand."""
+        return self.compiled is not None and policy != "never"
+
+    def sums(self, x, y, rows, cols, consts, *, policy: str) -> torch.Tensor:
+        """Tile sums: eager until compiling pays (per `policy`), compiled afterwards (same bits)."""
+        with _kernel_lock:
+            if self.wants_compile(policy):
+                self.compile()
+        if not self.uses_compiled(policy):
+            start = time.perf_counter()
+            out = eager_tile_sums(x, y, rows, cols, consts, self.taps)
+            self.eager_seconds += time.perf_counter() - start
+            return out
+        chunks = split_tiles(x, y, rows, cols, TILES_PER_CALL, min_tiles=TILES_PER_CALL)
+        try:
+            return join_sums(self.compiled_sums(chunks, consts), x.shape[0])
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+            # e.g. no C++ compiler on this machine: said once, then the eager kernel (same bits)
+            self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
+            return self.sums(x, y, rows, cols, consts, policy=policy)
+
+
+def _runner(dtype: torch.dtype, taps: List[float]) -> _CompiledTiles:
+    with _kernel_lock:
+        return _kernels.setdefault((dtype, tuple(taps)), _CompiledTiles(taps))
+
+
+def torch_tile_sums(x, y, rows, cols, consts: torch.Tensor, taps: List[float], *, policy: str) -> torch.Tensor:
+    """(K,) float64 tile sums by the torch path: on CPU the runner of (dtype, window) under `policy`.
+
+    Args:
+        x, y, rows, cols: Tiles and their extents (`ssim_ray.metric.tiles.cut_tiles`, `tile_extents`).
+        consts: (2,) C1, C2 in the compute dtype.
+        taps: The window's taps in the compute dtype (`tiles.taps_in`).
+        policy: 'auto', 'always' or 'never' (checked by the caller); only CPU tensors compile.
+
+    Returns:
+        The float64 sum of each tile's valid map.
+    """
+    if x.device.type != "cpu":
+        return eager_tile_sums(x, y, rows, cols, consts, taps)
+    return _runner(consts.dtype, taps).sums(x, y, rows, cols, consts, policy=policy)
+
+
+def compiled_in_use(dtype: torch.dtype, taps: List[float], *, policy: str) -> bool:
+    """Whether the CPU kernel of (dtype, window) is the compiled one for a call under `policy`.
+
+    After a call with the same policy: whether that call ran compiled (a compile happens as a call starts,
+    and a failed compile leaves the eager kernel). Before any call: 'always' will compile on first use.
+    """
+    with _kernel_lock:
+        runner = _kernels.get((dtype, tuple(taps)))
+    if runner is None or (runner.compiled is None and runner.failed is None):
+        return policy == "always"
+    return runner.uses_compiled(policy)
