@@ -4,7 +4,7 @@
 
 Builds an audit output with scripts/bench_report.py's builder (synthetic scores for real sample pairs),
 copies it to a bucket on a moto S3 server on 127.0.0.1 (its own process) (a local stand-in: its round trips are far shorter
-than a real store's, so the S3 gain here is a lower bound), then times `results.merge` with
+than a real store's, so the S3 gain here is a lower bound), then times `output.merge.merge` with
 `MERGE_READ_AHEAD` = 1 (sequential, as before) and the default, alternating in one process; medians.
 Both settings must give the same ssim.parquet bytes and summary statistics (checked).
 """
@@ -47,10 +47,10 @@ def _wait_for(port: int, timeout: float = 30.0) -> None:
 
 def _merge(url: str, plan: dict, storage_options: dict, read_ahead: int) -> tuple:
     from ssim_ray.config import SummaryConfig
-    from ssim_ray.output import results
-    from ssim_ray.output.results import RunInfo, merge
+    from ssim_ray.output import merge as merging
+    from ssim_ray.output.merge import RunInfo, merge
 
-    results.MERGE_READ_AHEAD = read_ahead
+    merging.MERGE_READ_AHEAD = read_ahead
     began = time.perf_counter()
     summary = merge(url, plan_shard_ids=plan["shards"], summary_cfg=SummaryConfig(group_by="distortion"),
                     run_info=RunInfo(metric=plan["metric"], plan_fingerprint=plan["fingerprint"],
@@ -71,9 +71,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from ssim_ray.output import results
+    from ssim_ray.output import merge as merging
 
-    default = results.MERGE_READ_AHEAD
+    default = merging.MERGE_READ_AHEAD
     workdir = Path(tempfile.mkdtemp(prefix="bench_merge_io-"))
     bench_report.build(workdir, rows=args.rows, parts=args.parts)
     plan = json.loads((workdir / "plan.json").read_text())

@@ -12,11 +12,11 @@ from typing import Deque, Dict, List, Tuple
 import ray
 import ray.exceptions
 
-from ssim_ray import statuses
+from ssim_ray import sources, statuses
 from ssim_ray.config import AuditJobConfig
-from ssim_ray.output import results
+from ssim_ray.output.commit import write_shard_rows
+from ssim_ray.output.schema import result_row
 from ssim_ray.progress import Progress
-from ssim_ray.sources import planning as sources
 from ssim_ray.worker import ShardResult
 
 # Shards queued per actor: one running and one waiting, so an actor never idles between shards.
@@ -87,17 +87,13 @@ class ShardDispatcher:
             f"last error: {self.last_error[shard.shard_id]}"
         )
         rows = [
-            {"pair_id": pair_id, "reference": reference, "distorted": distorted, "status": statuses.WORKER_FAILED,
-             "error": message, "shard_id": shard.shard_id, **passthrough}
+            result_row(pair_id=pair_id, reference=reference, distorted=distorted, status=statuses.WORKER_FAILED,
+                       shard_id=shard.shard_id, passthrough=passthrough, error=message)
             for pair_id, reference, distorted, passthrough in sources.iter_shard_rows(shard, self.cfg.source)
         ]
-        table = results.rows_to_table(rows, self.plan.passthrough_columns)
-        results.write_shard(
-            self.output_url,
-            shard.shard_id,
-            table,
-            storage_options=dict(self.cfg.output.storage_options),
-            stats=results.shard_stats(table, self.cfg.summary),
+        write_shard_rows(
+            self.output_url, shard.shard_id, rows, passthrough_columns=self.plan.passthrough_columns,
+            summary_cfg=self.cfg.summary, storage_options=dict(self.cfg.output.storage_options),
         )
         now = time.time()
         return ShardResult(shard.shard_id, len(rows), {statuses.WORKER_FAILED: len(rows)}, now, now, {}, "driver", "none")

@@ -7,6 +7,7 @@ import pytest
 from report_fixtures import in_shards, photo_rows
 
 from ssim_ray.config import AuditConfig, SummaryConfig
+from ssim_ray.output.commit import write_shard
 from ssim_ray.output.gates import (
     EXIT_FAILURE_GATE,
     EXIT_INCOMPLETE,
@@ -15,7 +16,9 @@ from ssim_ray.output.gates import (
     evaluate_gates,
     exit_code,
 )
-from ssim_ray.output.results import RunInfo, merge, rows_to_table, shard_stats, write_shard
+from ssim_ray.output.merge import RunInfo, merge
+from ssim_ray.output.schema import rows_to_table
+from ssim_ray.output.table_stats import shard_stats
 
 PASSTHROUGH = ["distortion", "photo"]
 

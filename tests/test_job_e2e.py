@@ -8,7 +8,7 @@ import pytest
 import ray
 from job_fixtures import direct_score, job_config, make_job_dataset, read_results, read_summary
 
-from ssim_ray.output import results
+from ssim_ray.output import resume
 from ssim_ray.run import evaluate, merge_only
 
 pytestmark = pytest.mark.slow
@@ -99,6 +99,6 @@ def test_rerun_resumes_everything_and_merge_only_rebuilds_the_same_table(dataset
 def test_rerun_with_other_metric_settings_refuses_unless_overwrite(dataset, first_run):
     cfg, out, _ = first_run
     changed = dataclasses.replace(cfg, ssim=dataclasses.replace(cfg.ssim, precision="fp64"))
-    with pytest.raises(results.ResumeConflictError, match="precision"):
+    with pytest.raises(resume.ResumeConflictError, match="precision"):
         evaluate(changed, output_url=str(out))
     assert read_summary(out)["metric"]["precision"] == "fp32"  # nothing was touched

@@ -1,4 +1,5 @@
-"""Part files, commit markers, resume checks and the merge (ssim_ray.output.results) on real photo results."""
+"""Part files, commit markers, resume checks and the merge (ssim_ray.output: schema, commit, resume, merge) on real
+photo results."""
 
 from __future__ import annotations
 
@@ -12,21 +13,11 @@ import pytest
 from report_fixtures import in_shards, photo_rows
 
 from ssim_ray.config import SummaryConfig
-from ssim_ray.output.results import (
-    RESULT_COLUMNS,
-    CorruptShardError,
-    IncompleteMergeError,
-    ResumeConflictError,
-    RunInfo,
-    build_run_manifest,
-    check_resume_compatible,
-    committed_shard_ids,
-    merge,
-    rows_to_table,
-    scan_shards,
-    shard_stats,
-    write_shard,
-)
+from ssim_ray.output.commit import committed_shard_ids, scan_shards, write_shard
+from ssim_ray.output.merge import CorruptShardError, IncompleteMergeError, RunInfo, merge
+from ssim_ray.output.resume import ResumeConflictError, build_run_manifest, check_resume_compatible
+from ssim_ray.output.schema import RESULT_COLUMNS, rows_to_table
+from ssim_ray.output.table_stats import shard_stats
 
 PASSTHROUGH = ["distortion", "photo"]
 SHARD_SIZES = [7, 8, 9, 9]  # 33 rows: 30 scored pairs and 3 failures, the failures in the last shard
@@ -81,7 +72,7 @@ def test_failed_rows_may_leave_out_the_measurement_columns():
 
 
 def test_merge_wants_a_typed_run_info(tmp_path):
-    with pytest.raises(TypeError, match=r"run_info must be a results.RunInfo \(fields \['metric', .*got dict"):
+    with pytest.raises(TypeError, match=r"run_info must be an output.merge.RunInfo \(fields \['metric', .*got dict"):
         merge(str(tmp_path), plan_shard_ids=[], run_info={"wall_seconds": 1.0}, summary_cfg=CFG)
 
 
@@ -171,13 +162,13 @@ def test_merge_reads_parts_ahead_on_threads_and_keeps_plan_order(tmp_path, rows,
     import threading
     import time
 
-    from ssim_ray.output import results
+    from ssim_ray.output import merge as merging
 
     out = str(tmp_path)
     sizes = [3] * 11  # 33 rows in 11 parts
     shards = _write_all(out, rows, sizes=sizes)
     reading, most, lock = [0], [0], threading.Lock()
-    read_part = results._read_part
+    read_part = merging._read_part
 
     def slow_read(fs, root, commit):  # a store with a round trip per part
         with lock:
@@ -190,10 +181,10 @@ def test_merge_reads_parts_ahead_on_threads_and_keeps_plan_order(tmp_path, rows,
             with lock:
                 reading[0] -= 1
 
-    monkeypatch.setattr(results, "_read_part", slow_read)
+    monkeypatch.setattr(merging, "_read_part", slow_read)
     plan = sorted(shards)
     merge(out, plan_shard_ids=plan, run_info=_info(len(rows)), summary_cfg=CFG)
-    assert 2 <= most[0] <= results.MERGE_READ_AHEAD
+    assert 2 <= most[0] <= merging.MERGE_READ_AHEAD
     merged = pq.read_table(tmp_path / "ssim.parquet")
     assert merged["shard_id"].to_pylist() == [r["shard_id"] for s in plan for r in shards[s]]
     assert merged["pair_id"].to_pylist() == [r["pair_id"] for s in plan for r in shards[s]]
@@ -413,3 +404,28 @@ def test_a_scan_keeps_commit_facts_not_statistics(tmp_path, rows):
     broken = json.loads(marker.read_text()) | {"stats": "not statistics"}
     marker.write_text(json.dumps(broken))
     assert "stats must be an object" in scan_shards(out).rejected["shard-00001"]
+
+
+def test_the_row_builder_takes_exactly_the_schema_columns():
+    import inspect
+
+    from ssim_ray.output.schema import REQUIRED_ROW_KEYS, result_row
+
+    parameters = inspect.signature(result_row).parameters
+    assert set(parameters) == set(RESULT_COLUMNS) | {"passthrough"}
+    required = {name for name, p in parameters.items() if p.default is inspect.Parameter.empty}
+    assert required == set(REQUIRED_ROW_KEYS) | {"passthrough"}
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+
+
+def test_built_rows_have_every_column_in_schema_order_then_passthrough():
+    from ssim_ray.output.schema import result_row
+
+    row = result_row(pair_id="p", reference="a.png", distorted="b.png", status="worker_failed", shard_id="s0",
+                     passthrough={"photo": "camera"}, error="shard s0 failed on 3 attempts")
+    assert list(row) == list(RESULT_COLUMNS) + ["photo"]
+    by_hand = {"pair_id": "p", "reference": "a.png", "distorted": "b.png", "status": "worker_failed",
+               "error": "shard s0 failed on 3 attempts", "shard_id": "s0", "photo": "camera"}
+    assert rows_to_table([row], ["photo"]).equals(rows_to_table([by_hand], ["photo"]))
+    with pytest.raises(ValueError, match=r"must not reuse result column names.*\['status'\]"):
+        result_row(pair_id="p", reference="a", distorted="b", status="ok", shard_id="s0", passthrough={"status": 1})

@@ -11,19 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from report_fixtures import photo_rows
 
-from ssim_ray.output.results import rows_to_table
-from ssim_ray.output.stats import (
-    GROUP_NULL,
-    HIST_BINS,
-    ScoreCollector,
-    empty_stats,
-    group_keys,
-    histogram_counts,
-    merge_stats,
-    stats_from_json,
-    stats_from_table,
-    stats_to_json,
-)
+from ssim_ray.output.schema import rows_to_table
+from ssim_ray.output.stats import HIST_BINS, empty_stats, histogram_counts, merge_stats, stats_from_json, stats_to_json
+from ssim_ray.output.summary_stats import ScoreCollector
+from ssim_ray.output.table_stats import GROUP_NULL, group_keys, stats_from_table
 
 PASSTHROUGH = ["distortion", "photo"]
 

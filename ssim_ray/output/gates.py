@@ -1,6 +1,6 @@
 """Quality gates: decide from summary.json whether an audit passes, and with which exit code it fails.
 
-Semantics (exact counts, not histogram estimates: `results.merge(..., audit_cfg=...)` writes the number of
+Semantics (exact counts, not histogram estimates: `merge.merge(..., audit_cfg=...)` writes the number of
 ok pairs strictly below each gate's threshold into the summary's `below` entries):
 
 - `audit.min_ssim` = t with `audit.max_fraction_below` = f (unset: f = 0): violated when
@@ -89,7 +89,7 @@ def evaluate_gates(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[G
     """The gates of `audit_cfg` that `summary` violates (empty: the audit passes).
 
     Args:
-        summary: summary.json as `results.merge(..., audit_cfg=audit_cfg)` returns or wrote it.
+        summary: summary.json as `merge.merge(..., audit_cfg=audit_cfg)` returns or wrote it.
         audit_cfg: the gates (see the module docstring for their exact semantics).
 
     Returns:

@@ -1,8 +1,10 @@
-"""Mergeable statistics of SSIM results: a shard's statistics combine with another's by a sum.
+"""Mergeable statistics of SSIM results: the types, their sum, and their JSON form in a commit marker.
 
-A part file's statistics travel in its commit marker, so the driver can merge a run's summary from markers
-without re-reading rows. Everything here is exact under merging except the order of floating-point
-additions, which is fixed (plan order), so a merge is deterministic:
+Statistics of two disjoint sets of rows combine into those of their union by a sum (`merge_stats`), so a
+run's statistics are the sum of its shards'. The merge computes each part's statistics from the part itself,
+after checking its sha256 against its marker, and sums them in plan order; markers carry the same statistics
+(`stats_to_json`) as a record of the shard. Everything here is exact under merging except the order of
+floating-point additions, which is fixed (plan order), so a merge is deterministic:
 
 - counts by status, overall and per group;
 - SSIM moments of ok rows as (count, mean, M2) merged with Chan et al.'s pairwise update rather than
@@ -14,7 +16,8 @@ additions, which is fixed (plan order), so a merge is deterministic:
 - the k worst ok pairs, ties broken by pair_id so the result does not depend on shard order;
 - the first few failure examples per status, in plan order.
 
-Exact percentiles are not mergeable; `percentiles` computes them from the merged column (see results.merge).
+Computing them from a results table is `table_stats`; exact percentiles, which are not mergeable, and the
+summary's statistics are `summary_stats`.
 """
 
 from __future__ import annotations
@@ -24,15 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from ssim_ray import statuses
 
 HIST_BINS = 2000
 HIST_RANGE = (-1.0, 1.0)
-PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-GROUP_NULL = "(null)"
 
 
 @dataclass
@@ -233,134 +232,20 @@ def merge_stats(a: ShardStats, b: ShardStats) -> ShardStats:
         examples_per_status=a.examples_per_status,
         overall=merge_group_stats(a.overall, b.overall),
         groups=dict(sorted(groups.items())),
-        worst=_k_worst(a.worst + b.worst, a.worst_k),
+        worst=k_worst(a.worst + b.worst, a.worst_k),
         failure_examples=dict(sorted(examples.items())),
     )
 
 
-def _k_worst(pairs: Sequence[WorstPair], k: int) -> List[WorstPair]:
+def k_worst(pairs: Sequence[WorstPair], k: int) -> List[WorstPair]:
+    """The `k` lowest-scoring pairs, ties broken by pair_id (so the order of shards does not matter).
+
+    Example:
+        >>> pairs = [WorstPair(p, s, None, None, None, None) for p, s in (("b", 0.2), ("a", 0.2), ("c", 0.1))]
+        >>> [p.pair_id for p in k_worst(pairs, 2)]
+        ['c', 'a']
+    """
     return sorted(pairs, key=lambda p: (p.ssim, p.pair_id))[:k]
-
-
-def group_keys(table: pa.Table, group_by: str) -> pa.Array:
-    """The group of each row as a string (nulls become GROUP_NULL), so groups are JSON object keys.
-
-    Raises:
-        ValueError: `group_by` is not a column of `table`, or its type has no string form.
-
-    Example:
-        >>> group_keys(pa.table({"q": [90, None]}), "q").to_pylist()
-        ['90', '(null)']
-    """
-    if group_by not in table.column_names:
-        raise ValueError(f"summary.group_by must name a result column, one of {table.column_names}, got {group_by!r}")
-    column = table[group_by]
-    try:
-        as_text = pc.cast(column, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-        raise ValueError(
-            f"summary.group_by column {group_by!r} must be castable to string (numbers, strings, booleans), "
-            f"got type {column.type}"
-        ) from error
-    return pc.fill_null(as_text, GROUP_NULL).combine_chunks()
-
-
-def _codes(array: pa.Array) -> tuple[np.ndarray, list]:
-    """Integer code per row and the distinct values, without a Python object per row."""
-    encoded = pc.dictionary_encode(array)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
-
-
-def _ok_scores(table: pa.Table, ok: np.ndarray) -> np.ndarray:
-    scores = table["ssim"].to_numpy(zero_copy_only=False).astype(np.float64)[ok]
-    if not np.all(np.isfinite(scores)):
-        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-        pair_id = table["pair_id"].to_numpy(zero_copy_only=False)[np.flatnonzero(ok)[bad]]
-        raise ValueError(f"rows with status 'ok' must have a finite ssim; expected a number, got {scores[bad]!r} "
-                         f"for pair_id {pair_id!r}")
-    return scores
-
-
-def _status_counts(codes: np.ndarray, names: list) -> Dict[str, int]:
-    counts = np.bincount(codes, minlength=len(names))
-    return {name: int(counts[i]) for i, name in sorted(enumerate(names), key=lambda item: item[1]) if counts[i]}
-
-
-def stats_from_table(
-    table: pa.Table, *, group_by: Optional[str], worst_k: int, examples_per_status: int = 5
-) -> ShardStats:
-    """Compute the mergeable statistics of result rows (a table with the results schema).
-
-    Args:
-        table: result rows (see results.RESULT_SCHEMA); pass-through columns may follow.
-        group_by: a column to break the statistics down by, or None.
-        worst_k: how many of the lowest-scoring ok pairs to keep.
-        examples_per_status: how many example rows to keep for each status other than ok.
-
-    Returns:
-        The ShardStats of `table`.
-
-    Raises:
-        ValueError: an ok row without a finite ssim, or a `group_by` that is not a usable column.
-
-    Example:
-        >>> t = pa.table({"pair_id": ["a", "b"], "ssim": [0.5, None], "status": ["ok", "missing"],
-        ...               "error": [None, "no such file: b.png"], "reference": ["a.png", "b.png"],
-        ...               "distorted": ["a_d.png", "b_d.png"], "shard_id": ["s0", "s0"]})
-        >>> stats_from_table(t, group_by=None, worst_k=1).overall.status_counts
-        {'missing': 1, 'ok': 1}
-    """
-    status_codes, status_names = _codes(table["status"])
-    ok = status_codes == (status_names.index(statuses.OK) if statuses.OK in status_names else -1)
-    scores = _ok_scores(table, ok)
-    stats = empty_stats(group_by=group_by, worst_k=worst_k, examples_per_status=examples_per_status)
-    stats.overall = GroupStats(_status_counts(status_codes, status_names), moments_of(scores))
-    keys = group_keys(table, group_by) if group_by is not None else None
-    if keys is not None:
-        stats.groups = _groups_of(keys, status_codes, status_names, ok, scores)
-    stats.worst = _worst_rows(table, ok, scores, keys, worst_k)
-    stats.failure_examples = _failure_examples(table, status_codes, status_names, examples_per_status)
-    return stats
-
-
-def _groups_of(keys: pa.Array, status_codes: np.ndarray, status_names: list, ok: np.ndarray,
-               scores: np.ndarray) -> Dict[str, GroupStats]:
-    group_codes, group_names = _codes(keys)
-    ok_group_codes = group_codes[ok]
-    groups = {}
-    for code, name in enumerate(group_names):
-        in_group = group_codes == code
-        groups[name] = GroupStats(_status_counts(status_codes[in_group], status_names),
-                                  moments_of(scores[ok_group_codes == code]))
-    return dict(sorted(groups.items()))
-
-
-def _worst_rows(table: pa.Table, ok: np.ndarray, scores: np.ndarray, keys: Optional[pa.Array],
-                k: int) -> List[WorstPair]:
-    if k == 0 or scores.size == 0:
-        return []
-    # Keep every row tied with the k-th lowest score, so the tie-break by pair_id sees all candidates.
-    threshold = np.partition(scores, min(k, scores.size) - 1)[min(k, scores.size) - 1]
-    rows = np.flatnonzero(ok)[scores <= threshold]
-    picked = table.take(pa.array(rows)).select(["pair_id", "ssim", "reference", "distorted", "shard_id"])
-    groups = keys.take(pa.array(rows)).to_pylist() if keys is not None else [None] * len(rows)
-    pairs = [WorstPair(group=group, **row) for row, group in zip(picked.to_pylist(), groups)]
-    return _k_worst(pairs, k)
-
-
-def _failure_examples(table: pa.Table, status_codes: np.ndarray, status_names: list,
-                      per_status: int) -> Dict[str, List[FailureExample]]:
-    examples = {}
-    columns = ["pair_id", "status", "error", "reference", "distorted", "shard_id"]
-    for code, name in sorted(enumerate(status_names), key=lambda item: item[1]):
-        if name == statuses.OK or per_status == 0:
-            continue
-        rows = np.flatnonzero(status_codes == code)[:per_status]
-        if rows.size:
-            examples[name] = [FailureExample(**row) for row in table.take(pa.array(rows)).select(columns).to_pylist()]
-    return examples
 
 
 def _moments_to_json(m: Moments) -> Dict[str, Any]:
@@ -433,140 +318,3 @@ def stats_from_json(d: Mapping[str, Any]) -> ShardStats:
         worst=[WorstPair(**p) for p in d["worst"]],
         failure_examples={s: [FailureExample(**e) for e in rows] for s, rows in d["failure_examples"].items()},
     )
-
-
-def percentiles_of(values: np.ndarray) -> Dict[str, Optional[float]]:
-    """Exact percentiles PERCENTILES of scores, numpy's 'linear' method (R type 7).
-
-    Example:
-        >>> percentiles_of(np.array([0.0, 1.0]))["p50"]
-        0.5
-    """
-    if values.size == 0:
-        return {f"p{q}": None for q in PERCENTILES}
-    found = np.percentile(values, PERCENTILES, method="linear")
-    return {f"p{q}": float(v) for q, v in zip(PERCENTILES, found)}
-
-
-class ScoreCollector:
-    """The ok scores of a merge, with each score's group, for exact percentiles.
-
-    Memory: 8 bytes per ok row for the score plus 4 per ok row for its group code (preallocated to
-    `capacity` rows, an upper bound such as the total row count). No Python object per row.
-    """
-
-    def __init__(self, *, capacity: int, group_by: Optional[str]) -> None:
-        self.group_by = group_by
-        self._scores = np.empty(capacity, dtype=np.float64)
-        self._codes = np.empty(capacity if group_by else 0, dtype=np.int32)
-        self._group_index: Dict[str, int] = {}
-        self._size = 0
-
-    def add(self, table: pa.Table) -> None:
-        """Append the ok rows of a results table.
-
-        Raises:
-            ValueError: more ok rows than the capacity given, or an ok row without a finite score.
-        """
-        status_codes, status_names = _codes(table["status"])
-        ok = status_codes == (status_names.index(statuses.OK) if statuses.OK in status_names else -1)
-        scores = _ok_scores(table, ok)
-        end = self._size + scores.size
-        if end > self._scores.size:
-            raise ValueError(f"ScoreCollector capacity is {self._scores.size} rows, got {end} ok rows")
-        self._scores[self._size:end] = scores
-        if self.group_by:
-            local_codes, names = _codes(group_keys(table, self.group_by))
-            to_global = np.array([self._group_index.setdefault(n, len(self._group_index)) for n in names],
-                                 dtype=np.int32)
-            self._codes[self._size:end] = to_global[local_codes[ok]] if names else []
-        self._size = end
-
-    def overall_percentiles(self) -> Dict[str, Optional[float]]:
-        return percentiles_of(self._scores[: self._size])
-
-    def group_percentiles(self) -> Dict[str, Dict[str, Optional[float]]]:
-        """Percentiles per group: one stable sort by group code, then each group's contiguous run."""
-        codes = self._codes[: self._size]
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
-        result = {}
-        for name, code in self._group_index.items():
-            lo, hi = np.searchsorted(sorted_codes, [code, code + 1])
-            result[name] = percentiles_of(self._scores[order[lo:hi]])
-        return dict(sorted(result.items()))
-
-
-    def below(self, threshold: float) -> Dict[str, Any]:
-        """How many ok scores are strictly below `threshold`, overall and per group (for quality gates)."""
-        scores, codes = self._scores[: self._size], self._codes[: self._size]
-        under = scores < threshold
-        entry: Dict[str, Any] = _fraction(int(np.count_nonzero(under)), int(scores.size))
-        entry["threshold"] = float(threshold)
-        if self.group_by:
-            names = list(self._group_index)
-            under_counts = np.bincount(codes[under], minlength=len(names))
-            totals = np.bincount(codes, minlength=len(names))
-            entry["groups"] = {name: _fraction(int(under_counts[i]), int(totals[i]))
-                               for name, i in sorted(self._group_index.items())}
-        return entry
-
-
-def _fraction(count: int, ok: int) -> Dict[str, Any]:
-    return {"count": count, "ok": ok, "fraction": count / ok if ok else None}
-
-
-def _ssim_block(moments: Moments, percentiles: Mapping[str, Optional[float]]) -> Dict[str, Any]:
-    return {
-        "count": moments.count,
-        "mean": moments.mean if moments.count else None,
-        "std": moments.std,
-        "min": moments.min if moments.count else None,
-        "max": moments.max if moments.count else None,
-        "percentiles": dict(percentiles),
-    }
-
-
-def _histogram_block(moments: Moments) -> Dict[str, Any]:
-    nonzero = np.flatnonzero(moments.hist)
-    return {"range": list(HIST_RANGE), "bins": HIST_BINS,
-            "counts": [[int(i), int(moments.hist[i])] for i in nonzero]}
-
-
-def summary_statistics(stats: ShardStats, collector: ScoreCollector, *,
-                       thresholds: Sequence[float] = ()) -> Dict[str, Any]:
-    """The statistical part of summary.json, from merged statistics and the collected scores.
-
-    Returns:
-        A dict with `status_counts`, `ssim` (count, mean, std (population), min, max, percentiles p1..p99),
-        `histogram` (sparse [bin, count] pairs over HIST_BINS bins on [-1, 1]), `groups` (the same per group,
-        with `rows` and `failures`), `worst`, `failure_examples`, and `below`: for each threshold, the
-        count, ok count and fraction of ok scores strictly below it, overall and per group.
-
-    Example:
-        >>> s = empty_stats(group_by=None, worst_k=1, examples_per_status=1)
-        >>> summary_statistics(s, ScoreCollector(capacity=0, group_by=None))["ssim"]["count"]
-        0
-    """
-    group_pct = collector.group_percentiles() if stats.group_by else {}
-    groups = {
-        name: {
-            "rows": g.rows,
-            "failures": g.failures,
-            "status_counts": g.status_counts,
-            "ssim": _ssim_block(g.moments, group_pct.get(name, percentiles_of(np.empty(0)))),
-            "histogram": _histogram_block(g.moments),
-        }
-        for name, g in stats.groups.items()
-    }
-    return {
-        "status_counts": stats.overall.status_counts,
-        "ssim": _ssim_block(stats.overall.moments, collector.overall_percentiles()),
-        "histogram": _histogram_block(stats.overall.moments),
-        "group_by": stats.group_by,
-        "groups": groups,
-        "worst_k": stats.worst_k,
-        "worst": [vars(p) for p in stats.worst],
-        "failure_examples": {s: [vars(e) for e in rows] for s, rows in stats.failure_examples.items()},
-        "below": [collector.below(t) for t in sorted(set(thresholds))],
-    }
