@@ -63,7 +63,7 @@ def _rss_kib(field: str) -> int:
 def measure_child(manifest: str, pairs_per_shard: int) -> dict:
     """Plan once for time, once under tracemalloc for the Python peak; report RSS and Arrow peaks."""
     from ssim_ray.config import SourceConfig
-    from ssim_ray.sources.planning import plan_shards
+    from ssim_ray.sources import plan_shards
 
     cfg = SourceConfig(kind="parquet", url=manifest, pairs_per_shard=pairs_per_shard)
     with open("/proc/self/clear_refs", "w") as clear:
@@ -88,7 +88,7 @@ def measure_child(manifest: str, pairs_per_shard: int) -> dict:
 def time_shard_reads(manifest: str, pairs_per_shard: int) -> dict:
     """Seconds to stream the rows (no images) of the first and of the last shard of a manifest."""
     from ssim_ray.config import SourceConfig
-    from ssim_ray.sources.planning import plan_shards, read_manifest_rows
+    from ssim_ray.sources import plan_shards, read_manifest_rows
 
     cfg = SourceConfig(kind="parquet", url=manifest, pairs_per_shard=pairs_per_shard)
     plan = plan_shards(cfg)

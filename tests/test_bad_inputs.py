@@ -15,7 +15,7 @@ from skimage import data
 
 from ssim_ray import statuses
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources.planning import ManifestError, iter_shard_pairs, plan_shards
+from ssim_ray.sources import ManifestError, iter_shard_pairs, plan_shards
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources.planning import iter_shard_pairs, plan_shards
+from ssim_ray.sources import iter_shard_pairs, plan_shards
 from ssim_ray.sources.sample import MANIFEST_NAME, SAMPLE_VERSION, ensure_sample_dataset
 
 
@@ -112,3 +113,31 @@ def test_missing_scikit_image_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="the built-in sample set needs scikit-image"):
         ensure_sample_dataset(cache_dir=str(tmp_path))
     assert not (tmp_path / SAMPLE_VERSION).exists() and os.listdir(tmp_path) == []
+
+
+def test_missing_scikit_image_error_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    with pytest.raises(ImportError, match=re.escape("pip install 'ssim_ray[sample]'")):
+        plan_shards(SourceConfig(kind="sample", cache_dir=str(tmp_path)))
+
+
+_WITHOUT_SKIMAGE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["skimage"] = None  # as if scikit-image were not installed: any import of it fails
+    from ssim_ray.config import SourceConfig, SSIMConfig
+    from ssim_ray.sources import load_pairs, plan_shards
+    cfg = SourceConfig(kind="sample", cache_dir=sys.argv[1])
+    plan = plan_shards(cfg)
+    pairs = load_pairs(plan.shards[0], cfg, SSIMConfig(), pair_ids={"camera/jpeg/10"})
+    print(plan.total_pairs, [(p.pair_id, p.status) for p in pairs])
+    """
+)
+
+
+def test_sources_need_scikit_image_only_to_make_the_sample_set(sample_dir):
+    # A fresh process, so that no module imported by another test hides a module-level import of skimage.
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_SKIMAGE, str(sample_dir)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    total = pq.ParquetFile(os.path.join(sample_dir, SAMPLE_VERSION, MANIFEST_NAME)).metadata.num_rows
+    assert done.stdout.split("\n")[0] == f"{total} [('camera/jpeg/10', 'ok')]"

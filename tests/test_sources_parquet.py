@@ -15,9 +15,8 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
-import ssim_ray.sources.planning as sources
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources.planning import ManifestError, iter_shard_pairs, plan_shards
+from ssim_ray.sources import ManifestError, iter_shard_pairs, load_pairs, loading, plan_shards
 
 CAMERA_GOLDEN = 0.3579642362  # DESIGN.md §2: skimage's camera against its noisy camera, Wang's settings
 CHELSEA_GOLDEN = 0.4799434086
@@ -197,8 +196,8 @@ def test_in_flight_pairs_stay_within_prefetch(photo_set, monkeypatch):
     _write_manifest(root / "pairs.parquet", [(f"p{i}", *rows[i % 3][1:]) for i in range(20)])
     cfg = SourceConfig(kind="parquet", url=str(root / "pairs.parquet"), pairs_per_shard=20)
     started = []
-    real_load = sources._load_pair
-    monkeypatch.setattr(sources, "_load_pair", lambda *args: started.append(1) or real_load(*args))
+    real_load = loading._load_pair
+    monkeypatch.setattr(loading, "_load_pair", lambda *args: started.append(1) or real_load(*args))
     plan = plan_shards(cfg)
     consumed = 0
     for pair in iter_shard_pairs(plan.shards[0], cfg, SSIMConfig(), threads=2, prefetch=3):
@@ -245,8 +244,8 @@ def test_load_pairs_decodes_only_the_pairs_asked_for(photo_set, monkeypatch):
     cfg = SourceConfig(kind="parquet", url=str(root / "pairs.parquet"), pairs_per_shard=9)
     shard = plan_shards(cfg).shards[0]
     decoded = []
-    real_load = sources._load_pair
-    monkeypatch.setattr(sources, "_load_pair", lambda row, *rest: decoded.append(row.pair_id) or real_load(row, *rest))
-    pairs = sources.load_pairs(shard, cfg, SSIMConfig(), pair_ids={"p7", "p2", "not-in-shard"})
+    real_load = loading._load_pair
+    monkeypatch.setattr(loading, "_load_pair", lambda row, *rest: decoded.append(row.pair_id) or real_load(row, *rest))
+    pairs = load_pairs(shard, cfg, SSIMConfig(), pair_ids={"p7", "p2", "not-in-shard"})
     assert [(p.pair_id, p.row_index, p.status) for p in pairs] == [("p2", 2, "ok"), ("p7", 7, "ok")]
     assert sorted(decoded) == ["p2", "p7"]

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources.planning import ManifestError, iter_shard_pairs, plan_shards
+from ssim_ray.sources import ManifestError, iter_shard_pairs, plan_shards
 
 
 def _save(path, pixels, fmt="PNG", **options):

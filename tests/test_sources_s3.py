@@ -22,7 +22,7 @@ from skimage import data
 from skimage.metrics import structural_similarity
 
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.sources.planning import iter_shard_pairs, plan_shards
+from ssim_ray.sources import iter_shard_pairs, plan_shards
 from ssim_ray.sources.storage import is_transient, read_bytes
 
 CAMERA_GOLDEN = 0.3579642362

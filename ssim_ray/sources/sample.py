@@ -7,6 +7,9 @@ pass-through columns `image`, `distortion`, `level` and `color`, so that summari
 
 The set is deterministic (fixed seeds, fixed encoder settings) and is written into a temporary folder
 that is renamed into place: two processes making it at once both succeed and one folder survives whole.
+
+scikit-image is needed only to make the set, so it is imported inside the function that needs it;
+without it the error says how to install it (`pip install 'ssim_ray[sample]'`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def ensure_sample_dataset(*, cache_dir: Optional[str] = None) -> str:
         distortion, level, color; paths relative to the manifest's folder).
 
     Raises:
-        ImportError: scikit-image is not installed (it provides the photographs).
+        ImportError: the set is not cached and scikit-image (which provides the photographs) is not
+            installed; the message says how to install it (`pip install 'ssim_ray[sample]'`).
 
     Example:
         >>> import tempfile
@@ -113,7 +117,7 @@ def write_sample_dataset(folder: str) -> int:
         The number of pairs.
 
     Raises:
-        ImportError: scikit-image is not installed.
+        ImportError: scikit-image is not installed (`pip install 'ssim_ray[sample]'`).
 
     Example:
         >>> import tempfile
@@ -161,11 +165,13 @@ def _stereo_pair(folder: str) -> Dict[str, Any]:
 
 
 def _skimage_data() -> Any:
+    """scikit-image's data module, imported only when a set is made: a cached set, or any other source,
+    runs without scikit-image."""
     try:
         from skimage import data
     except ImportError as exc:
         raise ImportError(
-            "the built-in sample set needs scikit-image (pip install scikit-image, or ssim_ray[test]); "
+            "the built-in sample set needs scikit-image: pip install 'ssim_ray[sample]' (or scikit-image itself); "
             "or point source=parquet at your own manifest"
         ) from exc
     return data

@@ -1,8 +1,9 @@
-"""fsspec at the edge: open URLs with storage options, read bytes with retries, resolve manifest paths.
+"""fsspec at the edge: open URLs with storage options, name listed files by URL, read bytes with retries,
+resolve manifest paths.
 
 Credentials never pass through here as arguments we keep: fsspec and its backends take them from the
-environment or their own configuration. URLs that carry a `user:password@` part are redacted before
-they are put into any message, id or fingerprint.
+environment or their own configuration. URLs that carry a `user:password@` part are redacted (by
+`ssim_ray.secrets.redact_text`) before they are put into any message, id or fingerprint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class PathEscapeError(ValueError):
 
 def url_scheme(url: str) -> Optional[str]:
     """The scheme of `url`, lower-cased, or None for a plain path.
+
+    Args:
+        url: a URL (`s3://bucket/key`) or a local path.
+
+    Returns:
+        The scheme without `://`, lower-cased; None when `url` has none.
 
     Example:
         >>> url_scheme("S3://bucket/key.png"), url_scheme("/data/key.png")
@@ -86,8 +93,37 @@ def open_url(url: str, *, storage_options: Mapping[str, Any]) -> Tuple[fsspec.Ab
     return url_to_fs(url, **storage_options_for(url, storage_options))
 
 
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URL for `path` within `fs` that any process can open: plain paths for local files, `scheme://...` otherwise.
+
+    Planning lists files on the driver; workers open them again from these URLs, and messages name them.
+
+    Args:
+        fs: the filesystem, from `open_url`.
+        path: a path within `fs`, as its listing gives it.
+
+    Returns:
+        The path itself for a local filesystem, else the path with its protocol put back.
+
+    Example:
+        >>> url_of(*open_url("memory://bucket/a.png", storage_options={}))
+        'memory:///bucket/a.png'
+        >>> url_of(*open_url("/data/a.png", storage_options={}))
+        '/data/a.png'
+    """
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return path if "file" in protocols else fs.unstrip_protocol(path)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying: connection trouble and timeouts, never a missing object.
+
+    Args:
+        exc: the error a storage call raised.
+
+    Returns:
+        True for connection errors, timeouts and transient errno values (EAGAIN, ECONNRESET...); False
+        for a missing object, a permission error and anything else.
 
     Example:
         >>> is_transient(ConnectionResetError()), is_transient(FileNotFoundError("a.png"))
