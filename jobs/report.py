@@ -2,7 +2,7 @@
 
 Reads summary.json (and _run.json, to re-read the worst pairs) under the output and writes report.html and
 plots/ beside them. With --check-gates it also exits with the quality-gate code of the gates the run was
-merged with (see ssim_ray/gates.py: 3 quality, 4 failures, 5 incomplete), so a pipeline can re-check an
+merged with (see ssim_ray/output/gates.py: 3 quality, 4 failures, 5 incomplete), so a pipeline can re-check an
 existing audit without recomputing it.
 """
 
@@ -15,8 +15,8 @@ from typing import List, Optional
 
 from ssim_ray.config import AuditConfig, ReportConfig
 from ssim_ray.output.gates import evaluate_gates, exit_code
-from ssim_ray.output.results import SUMMARY_FILE, output_filesystem
-from ssim_ray.report.html import make_report
+from ssim_ray.output.layout import SUMMARY_FILE, output_filesystem
+from ssim_ray.report import make_report
 
 
 def _arguments(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -54,5 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return exit_code(violations)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `ssim-report` command (pyproject.toml [project.scripts]): main() with the process's arguments."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -65,7 +65,7 @@ def _tiled_manifest(workdir: Path, rows: int) -> tuple:
 
 def _result_table(manifest: pa.Table, shard_id: str, rng: np.random.Generator, passthrough: List[str]) -> pa.Table:
     """Synthetic but well-formed results for one shard's manifest rows."""
-    from ssim_ray.output.results import RESULT_SCHEMA
+    from ssim_ray.output.schema import RESULT_SCHEMA
 
     n = manifest.num_rows
     failed = rng.random(n) < FAILURE_FRACTION
@@ -94,8 +94,10 @@ def build(workdir: Path, *, rows: int, parts: int) -> None:
 
     from ssim_ray.config import SourceConfig, SSIMConfig, SummaryConfig
     from ssim_ray.metric.structural import METRIC_NAME
-    from ssim_ray.output.results import build_run_manifest, check_resume_compatible, shard_stats, write_shard
-    from ssim_ray.sources.planning import plan_shards
+    from ssim_ray.output.commit import write_shard
+    from ssim_ray.output.resume import build_run_manifest, check_resume_compatible
+    from ssim_ray.output.table_stats import shard_stats
+    from ssim_ray.sources import plan_shards
 
     manifest_url, base_url = _tiled_manifest(workdir, rows)
     source = SourceConfig(kind="parquet", url=manifest_url, base_url=base_url, pairs_per_shard=-(-rows // parts))
@@ -120,7 +122,7 @@ def build(workdir: Path, *, rows: int, parts: int) -> None:
 
 def phase_merge(workdir: Path) -> Dict[str, float]:
     from ssim_ray.config import AuditConfig, SummaryConfig
-    from ssim_ray.output.results import RunInfo, merge
+    from ssim_ray.output.merge import RunInfo, merge
 
     plan = json.loads((workdir / "plan.json").read_text())
     before = _memory_kib()
@@ -137,7 +139,7 @@ def phase_merge(workdir: Path) -> Dict[str, float]:
 
 def phase_report(workdir: Path, worst_k: int) -> Dict[str, float]:
     from ssim_ray.config import ReportConfig
-    from ssim_ray.report.html import make_report
+    from ssim_ray.report import make_report
 
     before = _memory_kib()
     cpu = time.process_time()

@@ -16,14 +16,18 @@ from typing import Dict, List, Optional, Tuple
 import ray
 import ray.exceptions
 
+from ssim_ray import sources
 from ssim_ray.config import AuditJobConfig
 from ssim_ray.dispatch import ShardDispatcher
 from ssim_ray.metric.structural import metric_settings
-from ssim_ray.output import gates, results
+from ssim_ray.output import gates
+from ssim_ray.output.commit import committed_shard_ids
+from ssim_ray.output.merge import RunInfo, merge
+from ssim_ray.output.resume import check_resume_compatible, run_manifest
+from ssim_ray.output.schema import RESULT_COLUMNS
 from ssim_ray.placement import Placement, connect_ray, plan_placement
 from ssim_ray.progress import Progress
-from ssim_ray.report import html as report
-from ssim_ray.sources import planning as sources
+from ssim_ray.report import make_report
 from ssim_ray.worker import ShardResult, ShardWorker, WorkerSpec
 
 
@@ -83,7 +87,7 @@ def _batch_sizes(shard_results: List[ShardResult]) -> Dict[str, dict]:
     return {k: {"batch_sizes": sorted(v["batch_sizes"]), "ooms": v["ooms"]} for k, v in merged.items()}
 
 
-def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Optional[float], placement) -> results.RunInfo:
+def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Optional[float], placement) -> RunInfo:
     by_actors = [r for r in computed if r.worker != "driver"]
     span = (max(r.finished for r in by_actors) - min(r.started for r in by_actors)) if by_actors else None
     device = None
@@ -92,7 +96,7 @@ def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Option
         devices = sorted({r.device for r in by_actors})
         if devices:
             device = ", ".join(devices)
-    return results.RunInfo(
+    return RunInfo(
         metric=metric_settings(
             win_size=cfg.ssim.win_size, sigma=cfg.ssim.sigma, k1=cfg.ssim.k1, k2=cfg.ssim.k2,
             gaussian=cfg.ssim.gaussian, downsample=cfg.ssim.downsample, precision=cfg.ssim.precision,
@@ -113,7 +117,7 @@ def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Option
 
 
 def _check_passthrough(plan: sources.Plan) -> None:
-    clashes = sorted(set(plan.passthrough_columns) & set(results.RESULT_COLUMNS))
+    clashes = sorted(set(plan.passthrough_columns) & set(RESULT_COLUMNS))
     if clashes:
         raise sources.ManifestError(
             f"manifest columns {clashes} would be copied to the results, but the results have columns of those "
@@ -126,11 +130,11 @@ def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
     started = time.time()
     plan = sources.plan_shards(cfg.source)
     _check_passthrough(plan)
-    manifest = results.run_manifest(plan=plan, cfg=cfg)
-    results.check_resume_compatible(
+    manifest = run_manifest(plan=plan, cfg=cfg)
+    check_resume_compatible(
         output_url, manifest, mode=cfg.output.mode, storage_options=dict(cfg.output.storage_options)
     )
-    committed = results.committed_shard_ids(output_url, storage_options=dict(cfg.output.storage_options))
+    committed = committed_shard_ids(output_url, storage_options=dict(cfg.output.storage_options))
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     resumed = len(plan.shards) - len(todo)
     resumed_pairs = sum(s.num_pairs for s in plan.shards if s.shard_id in committed)
@@ -185,7 +189,7 @@ def _compute(cfg, plan, todo, output_url, placement: Placement, resumed_pairs: i
 def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], run_info) -> RunOutcome:
     """Merge committed shards into ssim.parquet + summary.json (idempotent), report, and apply the gates."""
     storage_options = dict(cfg.output.storage_options)
-    summary = results.merge(
+    summary = merge(
         output_url,
         plan_shard_ids=plan_shard_ids,
         run_info=run_info,
@@ -194,7 +198,7 @@ def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], r
         audit_cfg=cfg.audit,
     )
     if cfg.report.enabled:
-        made = report.make_report(
+        made = make_report(
             output_url, report_cfg=cfg.report, storage_options=storage_options,
             source_cfg=cfg.source, ssim_cfg=cfg.ssim,
         )
@@ -208,7 +212,7 @@ def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], r
 def merge_only(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
     """Rebuild ssim.parquet and summary.json from the committed shards, computing nothing."""
     plan = sources.plan_shards(cfg.source)
-    committed = results.committed_shard_ids(output_url, storage_options=dict(cfg.output.storage_options))
+    committed = committed_shard_ids(output_url, storage_options=dict(cfg.output.storage_options))
     resumed = sum(1 for shard in plan.shards if shard.shard_id in committed)
     info = _run_info(cfg, plan, [], resumed, None, None)
     return finish(cfg, output_url=output_url, plan_shard_ids=[s.shard_id for s in plan.shards], run_info=info)

@@ -148,7 +148,7 @@ HOSTILE_ERROR = "cannot decode <script>alert('x')</script> & more"
 
 
 class _JobConfig:
-    """The two parts of an AuditJobConfig that results.run_manifest reads."""
+    """The two parts of an AuditJobConfig that resume.run_manifest reads."""
 
     def __init__(self, source) -> None:
         from ssim_ray.config import SSIMConfig
@@ -163,16 +163,12 @@ def build_audit(folder: Path, *, audit) -> str:
     and re-read them; the rows' scores are skimage's. One failure message holds HTML to be escaped.
     """
     from ssim_ray.config import SourceConfig, SummaryConfig
-    from ssim_ray.output.results import (
-        RunInfo,
-        check_resume_compatible,
-        merge,
-        rows_to_table,
-        run_manifest,
-        shard_stats,
-        write_shard,
-    )
-    from ssim_ray.sources.planning import plan_shards
+    from ssim_ray.output.commit import write_shard
+    from ssim_ray.output.merge import RunInfo, merge
+    from ssim_ray.output.resume import check_resume_compatible, run_manifest
+    from ssim_ray.output.schema import rows_to_table
+    from ssim_ray.output.table_stats import shard_stats
+    from ssim_ray.sources import plan_shards
 
     rows = photo_rows(folder / "images")
     rows[-2]["error"] = HOSTILE_ERROR  # the unreadable row: its message must reach the page escaped

@@ -24,7 +24,7 @@ from PIL import Image
 from report_fixtures import build_audit
 
 from ssim_ray.config import AuditConfig, ReportConfig
-from ssim_ray.report.html import make_report
+from ssim_ray.report import make_report
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",

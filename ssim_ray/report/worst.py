@@ -1,0 +1,250 @@
+"""The k worst pairs of a run, shown: re-read through the sources, re-scored, and drawn with their SSIM maps.
+
+Owns rebuilding the run's source and metric configs from `_run.json`, re-reading only the worst pairs (a
+pair that cannot be read again gets a note saying why instead of images), and the pictures of a pair:
+reference, distorted and SSIM-map thumbnails that line up pixel for pixel, the map's colour bar, and the
+three enlarged at the map's window of lowest mean SSIM.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ssim_ray import statuses
+from ssim_ray.config import SourceConfig, SSIMConfig
+from ssim_ray.metric import ssim
+from ssim_ray.output.layout import RUN_MANIFEST
+from ssim_ray.report.charts import Plot, colorbar_plot, map_colors
+from ssim_ray.sources import load_pairs, plan_shards
+
+THUMBNAIL_SIDE = 320
+ZOOM_WINDOW = 64  # side, in SSIM-map pixels, of the region with the lowest mean SSIM shown enlarged
+ZOOM_SIDE = 192  # enlarged windows are scaled by a whole factor up to about this many pixels
+BORDER_GRAY = (128, 128, 128)  # the margin of win_size // 2 that the window never sees
+BOX_COLOR = (0, 230, 255)  # cyan: apart from every colour of the map's colormap
+LABELS = {
+    "reference": "reference",
+    "distorted": "distorted",
+    "map": "SSIM map (bright: structure lost)",
+    "scale": "SSIM colour scale",
+    "zoom_reference": "reference, lowest-SSIM window",
+    "zoom_distorted": "distorted, same window",
+    "zoom_map": "SSIM map, same window",
+}
+
+
+@dataclass
+class WorstPanel:
+    """One worst pair as shown: the summary's entry, the recomputed score, pictures or why there are none."""
+
+    entry: Mapping[str, Any]
+    recomputed: Optional[float] = None
+    images: Optional[List[Plot]] = None
+    note: Optional[str] = None
+
+
+def configs_from_manifest(manifest: Mapping[str, Any]) -> Tuple[SourceConfig, SSIMConfig]:
+    """Rebuild the source and metric configs a run recorded in `_run.json`, to re-read its pairs.
+
+    Keys the schema does not know (descriptive metric entries such as `window`) are left out.
+
+    Args:
+        manifest: the parsed `_run.json`.
+
+    Returns:
+        (SourceConfig, SSIMConfig).
+
+    Raises:
+        ValueError: the manifest lacks them, or they no longer validate.
+
+    Example:
+        >>> m = {"source": {"kind": "sample"}, "metric": {"name": "wang2004", "sigma": 1.5}}
+        >>> configs_from_manifest(m)[1].sigma
+        1.5
+    """
+    source, metric = manifest.get("source"), manifest.get("metric")
+    if not isinstance(source, Mapping) or not isinstance(metric, Mapping):
+        raise ValueError(f"{RUN_MANIFEST} must hold 'source' and 'metric' objects, got keys {sorted(manifest)}")
+    known_source = {f.name for f in fields(SourceConfig)}
+    known_ssim = {f.name for f in fields(SSIMConfig)}
+    try:
+        return (SourceConfig(**{k: v for k, v in source.items() if k in known_source}),
+                SSIMConfig(**{k: v for k, v in metric.items() if k in known_ssim}))
+    except TypeError as error:
+        raise ValueError(f"{RUN_MANIFEST} source/metric must match the config schema, got {error}") from error
+
+
+def worst_panels(worst: Sequence[Mapping[str, Any]], *, source_cfg: SourceConfig,
+                 ssim_cfg: SSIMConfig) -> List[WorstPanel]:
+    """Re-read the worst pairs through the sources (only those pairs are decoded) and draw their maps.
+
+    A pair that cannot be re-read (the source changed, a file is gone) gets a note saying why instead of
+    images; the note is shown in the report and printed to stderr.
+
+    Args:
+        worst: the summary's `worst` entries to show (pair_id, ssim, reference, distorted, group, shard_id).
+        source_cfg: the run's source config (the shards are planned again from it).
+        ssim_cfg: the run's metric config (the maps use the same settings and precision).
+
+    Returns:
+        One WorstPanel per entry, in order.
+
+    Example:
+        >>> worst_panels([], source_cfg=SourceConfig(), ssim_cfg=SSIMConfig())
+        []
+    """
+    panels = [WorstPanel(entry) for entry in worst]
+    if not panels:
+        return panels
+    try:
+        shards = {shard.shard_id: shard for shard in plan_shards(source_cfg).shards}
+    except (OSError, ValueError) as error:
+        return noted(panels, f"the source could not be planned again: {error}")
+    wanted: Dict[str, set] = {}
+    for entry in worst:
+        wanted.setdefault(entry["shard_id"], set()).add(entry["pair_id"])
+    loaded = {}
+    for shard_id, pair_ids in wanted.items():
+        if shard_id not in shards:
+            continue
+        try:
+            loaded.update({p.pair_id: p for p in load_pairs(shards[shard_id], source_cfg, ssim_cfg, pair_ids=pair_ids)})
+        except (OSError, ValueError) as error:
+            noted([p for p in panels if p.entry["shard_id"] == shard_id], f"shard could not be read: {error}")
+    for panel in panels:
+        if panel.note is None:
+            _fill_panel(panel, loaded.get(panel.entry["pair_id"]), ssim_cfg)
+    return panels
+
+
+def noted(panels: Sequence[WorstPanel], note: str) -> List[WorstPanel]:
+    """Mark panels as shown without images, say why on stderr, and return them.
+
+    Example:
+        >>> noted([], "gone")
+        []
+    """
+    for panel in panels:
+        panel.note = note
+        print(f"[ssim_ray report] {panel.entry['pair_id']}: {note}", file=sys.stderr)
+    return list(panels)
+
+
+def _fill_panel(panel: WorstPanel, pair: Any, ssim_cfg: SSIMConfig) -> None:
+    if pair is None:
+        noted([panel], "pair not found in its shard any more (the source changed since the run)")
+        return
+    if not statuses.is_ok(pair.status):
+        noted([panel], f"re-reading the pair now gives status {pair.status!r}: {pair.error}")
+        return
+    # compile="never": a dozen pairs are scored here, and compiling the fused CPU kernel (same bits) would
+    # take longer than all of them together.
+    score, ssim_map = ssim(pair.ref, pair.dist, data_range=pair.data_range, win_size=ssim_cfg.win_size,
+                           sigma=ssim_cfg.sigma, k1=ssim_cfg.k1, k2=ssim_cfg.k2, gaussian=ssim_cfg.gaussian,
+                           downsample=ssim_cfg.downsample, precision=ssim_cfg.precision, return_map=True,
+                           compile="never")
+    values = ssim_map.detach().to("cpu").double().numpy()
+    while values.ndim > 2:  # batch and channel axes: the mean over channels has the score as its mean
+        values = values.mean(axis=0)
+    panel.recomputed = float(score.detach().to("cpu").double().mean())
+    panel.images = pair_images(_display_pixels(pair.ref, pair.data_range), _display_pixels(pair.dist, pair.data_range),
+                               values, border=ssim_cfg.win_size // 2)
+
+
+def _display_pixels(tensor: Any, data_range: float) -> np.ndarray:
+    """(C, H, W) uint8/uint16 pixels as 8-bit (H, W) or (H, W, 3) for display (scaled by the data range)."""
+    pixels = tensor.detach().to("cpu").numpy().astype(np.float64)
+    pixels = np.clip(np.round(pixels * (255.0 / data_range)), 0, 255).astype(np.uint8)
+    return pixels[0] if pixels.shape[0] != 3 else np.transpose(pixels, (1, 2, 0))
+
+
+def lowest_window(values: np.ndarray, side: int) -> Tuple[int, int]:
+    """Top-left corner of the side x side window of `values` with the lowest mean (ties: first found).
+
+    Args:
+        values: an (H, W) SSIM map, H and W at least `side`.
+        side: the window's side.
+
+    Returns:
+        (row, column).
+
+    Example:
+        >>> lowest_window(np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.2], [1.0, 0.1, 1.0]]), 2)
+        (1, 1)
+    """
+    padded = np.pad(np.cumsum(np.cumsum(values, axis=0), axis=1), ((1, 0), (1, 0)))
+    sums = padded[side:, side:] - padded[:-side, side:] - padded[side:, :-side] + padded[:-side, :-side]
+    row, col = np.unravel_index(int(np.argmin(sums)), sums.shape)
+    return int(row), int(col)
+
+
+def _thumbnail(image: Image.Image, *, resample: int) -> Image.Image:
+    """Down to THUMBNAIL_SIDE on the long side; small images enlarged by a whole factor (pixels stay sharp)."""
+    longest = max(image.size)
+    if longest <= THUMBNAIL_SIDE:
+        factor = max(1, THUMBNAIL_SIDE // longest)
+        return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    scale = THUMBNAIL_SIDE / longest
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
+
+
+def _picture(name: str, image: Image.Image) -> Plot:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Plot(name, LABELS[name], buffer.getvalue(), image.width, image.height)
+
+
+def _framed_map(values: np.ndarray, *, border: int, size: Tuple[int, int]) -> Image.Image:
+    """The coloured map inside a gray frame of `border` pixels, scaled to `size` (the image's (W, H))."""
+    canvas = Image.new("RGB", (values.shape[1] + 2 * border, values.shape[0] + 2 * border), BORDER_GRAY)
+    canvas.paste(Image.fromarray(map_colors(values), "RGB"), (border, border))
+    return canvas.resize(size, Image.NEAREST)
+
+
+def pair_images(reference: np.ndarray, distorted: np.ndarray, values: np.ndarray, *, border: int) -> List[Plot]:
+    """Pictures of a pair in page order: reference, distorted and SSIM-map thumbnails, the map's colour
+    bar, and the three enlarged at the map's lowest-mean window.
+
+    `values` is the valid-region map ((H - 2·border) × (W - 2·border), or the same on the downsampled grid);
+    it is framed by a gray border and scaled to the image's size, so the three thumbnails line up pixel
+    for pixel; a cyan box on the map marks the enlarged window.
+
+    Args:
+        reference: 8-bit display pixels, (H, W) or (H, W, 3).
+        distorted: the same for the distorted image.
+        values: the SSIM map (mean over channels).
+        border: win_size // 2, the margin the window cannot see.
+
+    Returns:
+        Plots named reference, distorted, map, scale, zoom_reference, zoom_distorted, zoom_map.
+
+    Example:
+        >>> gray = np.zeros((32, 32), np.uint8)
+        >>> [p.name for p in pair_images(gray, gray, np.ones((22, 22)), border=5)][:4]
+        ['reference', 'distorted', 'map', 'scale']
+    """
+    height, width = reference.shape[:2]
+    full_map = _framed_map(values, border=border, size=(width, height))
+    scale = height / (values.shape[0] + 2 * border)
+    side = min(ZOOM_WINDOW, *values.shape)
+    row, col = lowest_window(values, side)
+    box = tuple(int(round((v + border) * scale)) for v in (col, row, col + side, row + side))
+    zooms = {"zoom_reference": Image.fromarray(reference).crop(box),
+             "zoom_distorted": Image.fromarray(distorted).crop(box), "zoom_map": full_map.crop(box)}
+    marked = full_map.copy()
+    ImageDraw.Draw(marked).rectangle(box, outline=BOX_COLOR, width=max(2, width // 200))
+    thumbnails = {"reference": _thumbnail(Image.fromarray(reference), resample=Image.LANCZOS),
+                  "distorted": _thumbnail(Image.fromarray(distorted), resample=Image.LANCZOS),
+                  "map": _thumbnail(marked, resample=Image.BILINEAR)}
+    enlarge = max(1, ZOOM_SIDE // max(1, zooms["zoom_map"].width))
+    zooms = {k: v.resize((v.width * enlarge, v.height * enlarge), Image.NEAREST) for k, v in zooms.items()}
+    scale_bar = colorbar_plot(thumbnails["map"].height)
+    return ([_picture(name, image) for name, image in thumbnails.items()]
+            + [Plot("scale", LABELS["scale"], scale_bar.png, scale_bar.width, scale_bar.height)]
+            + [_picture(name, image) for name, image in zooms.items()])
