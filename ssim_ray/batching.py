@@ -10,7 +10,6 @@ remembered too. A probe that cannot measure raises `ProbeError`: it never guesse
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Dict, Optional
 
 import torch
@@ -65,10 +64,8 @@ def _cpu_torch_peak_bytes(work: Callable[[], None]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    # Kineto prints two "USDT ... profiler_start/stop" lines per session at its default level: one pair
-    # per shape bucket in every actor's log, streamed to the driver's terminal. Level 6 keeps it quiet;
-    # it is read when a session starts, and a level set by the user wins.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    # Kineto's "USDT profiler_start/stop" lines are silenced by the actor's process set-up
+    # (process_setup.quiet_profiler_logs), not here: the library writes no environment variable.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -195,9 +192,10 @@ class BatchSizer:
 
     def size_for(self, key: BucketKey) -> Optional[int]:
         """The remembered size of a bucket, or None when it still needs a probe."""
-        if self.fixed is not None:
-            return self.fixed
         record = self.records.get(key)
+        if self.fixed is not None:
+            # An out-of-memory back-off is remembered for a fixed size too: it must not OOM once per batch.
+            return self.fixed if record is None else min(self.fixed, record.batch_size)
         return None if record is None else record.batch_size
 
     def probe(self, key: BucketKey, trial_pairs: int, run_trial: Callable[[], None]) -> int:

@@ -67,6 +67,16 @@ def test_fixed_size_bypasses_probe():
     assert sizer.records == {}
 
 
+def test_fixed_size_remembers_an_out_of_memory_back_off():
+    # batch=fixed used to forget the halving and OOM again on every batch.
+    sizer = BatchSizer(torch.device("cpu"), fixed=16, memory_fraction=0.5, max_size=64)
+    assert sizer.on_oom(KEY, 16) == 8
+    assert sizer.size_for(KEY) == 8
+    assert sizer.on_oom(KEY, 8) == 4
+    assert sizer.size_for(KEY) == 4 and sizer.records[KEY].ooms == 2
+    assert sizer.size_for(BucketKey(1, 8, 8, "uint8")) == 16  # other buckets keep the fixed size
+
+
 def test_out_of_memory_is_matched_by_type_not_message():
     assert batching.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not batching.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
@@ -105,6 +115,7 @@ def test_cpu_probe_keeps_the_profilers_log_lines_out_of_the_users_terminal():
     import sys
 
     script = ("import torch\nfrom ssim_ray.batching import _cpu_torch_peak_bytes\n"
+              "from ssim_ray.process_setup import quiet_profiler_logs\nquiet_profiler_logs()\n"
               "print(_cpu_torch_peak_bytes(lambda: torch.ones(1 << 20).sum()))")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={"PATH": "/usr/bin:/bin"})
