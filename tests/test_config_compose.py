@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from ssim_ray.config import AuditJobConfig, SourceConfig, register_configs
 from ssim_ray.run import evaluate
-from ssim_ray.sources.planning import ManifestError
+from ssim_ray.sources import ManifestError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

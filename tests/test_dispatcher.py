@@ -13,7 +13,7 @@ import ray.exceptions
 
 from ssim_ray import dispatch
 from ssim_ray.config import AuditJobConfig
-from ssim_ray.sources.planning import Plan, PrefixRows, Shard
+from ssim_ray.sources import Plan, PrefixRows, Shard
 
 
 class _Ref:
