@@ -13,7 +13,9 @@ from ssim_ray.run import evaluate, merge_only, print_summary
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="ssim_audit")
+# The configs are the repository's conf/, installed as the package ssim_ray_conf (pyproject.toml), so the
+# job finds them from any folder, installed or editable.
+@hydra.main(version_base=None, config_path="pkg://ssim_ray_conf", config_name="ssim_audit")
 def main(cfg: DictConfig) -> None:
     job: AuditJobConfig = OmegaConf.to_object(cfg)
     outcome = merge_only(job, output_url=job.output.url) if job.output.merge_only else evaluate(

@@ -19,7 +19,7 @@ What counts as a credential-named key is decided once, by `is_secret_key`, for a
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 REDACTED = "<redacted>"
 MASK = "***"
@@ -133,3 +133,36 @@ def contains_credentials(text: str) -> bool:
         (False, True)
     """
     return redact_text(text) != text
+
+
+def literal_secrets(value: Any, path: str = "") -> List[str]:
+    """Where a config tree holds a credential literally: a credential-named key with a value, or a string with
+    URL user-info or a credential query parameter. An interpolation (`${oc.env:VAR}`) is not literal: Hydra
+    saves it as written, and the value stays in the environment.
+
+    Args:
+        value: the config as plain containers, interpolations unresolved.
+        path: the dotted path of `value` (for the messages).
+
+    Returns:
+        The dotted paths that hold credentials, in tree order.
+
+    Example:
+        >>> literal_secrets({"source": {"url": "https://h/m.parquet?X-Amz-Signature=abc",
+        ...                             "reference_url": "${oc.env:REF_URL}"}})
+        ['source.url']
+    """
+    if isinstance(value, Mapping):
+        found: List[str] = []
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if is_secret_key(key) and item not in (None, "", {}):
+                found.append(where)
+            else:
+                found.extend(literal_secrets(item, where))
+        return found
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in literal_secrets(item, f"{path}[{i}]")]
+    if isinstance(value, str) and not value.startswith("${") and contains_credentials(value):
+        return [path]
+    return []
