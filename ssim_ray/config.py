@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ssim_ray.metric import COMPILE_POLICIES, KERNELS
+from ssim_ray.metric import COMPILE_POLICIES, KERNELS, metric_settings
 from ssim_ray.secrets import reject_credentials
 
 SOURCE_KINDS = ("sample", "parquet", "prefix")
@@ -128,6 +128,43 @@ class SSIMConfig:
         if self.win_size < 1 or self.win_size % 2 == 0:
             raise ValueError(f"ssim.win_size must be a positive odd integer, got {self.win_size!r}")
         _positive("ssim.sigma", self.sigma)
+
+    def ssim_options(self) -> Dict[str, Any]:
+        """The keyword arguments of `ssim()` this config sets: the one mapping from config to the metric.
+
+        `data_range` is not among them: with `auto` it comes from each pair's files, so callers pass it per
+        batch. Callers that must differ (the report maps with the torch kernel, which alone draws maps)
+        override a key explicitly.
+
+        Example:
+            >>> sorted(SSIMConfig().ssim_options())[:3]
+            ['compile', 'downsample', 'gaussian']
+        """
+        return {"win_size": self.win_size, "sigma": self.sigma, "k1": self.k1, "k2": self.k2,
+                "gaussian": self.gaussian, "downsample": self.downsample, "precision": self.precision,
+                "kernel": self.kernel, "compile": self.compile}
+
+    def describe(self) -> Dict[str, Any]:
+        """Every setting that changes a score: the metric block of both `_run.json` and `summary.json`.
+
+        The metric's own definition (`metric_settings`: name, window, constants, moments, region, reduction,
+        downsampling, precision) plus what the job decides before the metric sees a pixel: the colour
+        mode, the alpha policy, the data range and its rule, and the kernel (torch and Triton agree to
+        1e-6, not bit for bit). The compile policy is not here: compiled and eager kernels give the same
+        bits, so it is a run fact (`summary.json` "runtime"), and a resume may change it.
+
+        Example:
+            >>> d = SSIMConfig(color="y", data_range=4095).describe()
+            >>> d["name"], d["color"], d["data_range"], d["data_range_rule"], d["kernel"]
+            ('wang2004', 'y', 4095.0, 'fixed by ssim.data_range', 'auto')
+        """
+        options = self.ssim_options()
+        kernel = options.pop("kernel")
+        del options["compile"]
+        settings = metric_settings(**options, data_range=self.data_range)
+        rule = ("from each file's bit depth: 255 for 8-bit, 65535 for 16-bit" if self.data_range == "auto"
+                else "fixed by ssim.data_range")
+        return {**settings, "data_range_rule": rule, "color": self.color, "alpha": self.alpha, "kernel": kernel}
 
 
 @dataclass

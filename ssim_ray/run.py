@@ -19,7 +19,6 @@ import ray.exceptions
 from ssim_ray import sources
 from ssim_ray.config import AuditJobConfig
 from ssim_ray.dispatch import ShardDispatcher
-from ssim_ray.metric.structural import metric_settings
 from ssim_ray.output import gates
 from ssim_ray.output.commit import committed_shard_ids
 from ssim_ray.output.merge import RunInfo, merge
@@ -97,11 +96,7 @@ def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Option
         if devices:
             device = ", ".join(devices)
     return RunInfo(
-        metric=metric_settings(
-            win_size=cfg.ssim.win_size, sigma=cfg.ssim.sigma, k1=cfg.ssim.k1, k2=cfg.ssim.k2,
-            gaussian=cfg.ssim.gaussian, downsample=cfg.ssim.downsample, precision=cfg.ssim.precision,
-            data_range=cfg.ssim.data_range,
-        ),
+        metric=cfg.ssim.describe(),
         plan_fingerprint=plan.fingerprint,
         total_pairs=plan.total_pairs,
         source=dataclasses.asdict(cfg.source),
@@ -113,6 +108,8 @@ def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Option
         batch_sizes=_batch_sizes(computed),
         device=device,
         num_workers=placement.num_workers if placement else None,
+        kernels=tuple(sorted({r.kernel for r in by_actors if r.kernel})),
+        compile=cfg.ssim.compile,
     )
 
 

@@ -121,16 +121,8 @@ class ShardComputer:
             x.to(self.device, non_blocking=non_blocking),
             y.to(self.device, non_blocking=non_blocking),
             data_range=pairs[0].data_range,
-            win_size=cfg.win_size,
-            sigma=cfg.sigma,
-            k1=cfg.k1,
-            k2=cfg.k2,
-            gaussian=cfg.gaussian,
             per_channel=True,
-            downsample=cfg.downsample,
-            precision=cfg.precision,
-            kernel=cfg.kernel,
-            compile=self.compile_policy,
+            **{**cfg.ssim_options(), "compile": self.compile_policy},
         )
         return per_channel.cpu()
 
@@ -190,8 +182,7 @@ class ShardComputer:
         # here keeps the compiler's own allocations out of the memory probe's measurement.
         side = cfg.win_size + 16
         ramp = torch.arange(side * side, dtype=torch.float64).reshape(1, 1, side, side) % 251
-        ssim(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), win_size=cfg.win_size, sigma=cfg.sigma,
-             gaussian=cfg.gaussian, precision=cfg.precision, kernel=cfg.kernel, compile=self.compile_policy)
+        ssim(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), **{**cfg.ssim_options(), "compile": self.compile_policy})
         return True
 
     def _flush(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import pytest
 import ray
@@ -73,6 +75,28 @@ def test_summary_counts_shards_and_batch_sizes(dataset, first_run):
     for record in summary["batch_sizes"].values():
         assert all(1 <= size <= cfg.batch.max_size for size in record["batch_sizes"])
     assert set(summary["groups"]) >= {"jpeg", "noise", "blur", "contrast", "bad"}
+
+
+def test_summary_names_every_metric_setting_and_the_kernel_that_scored(first_run):
+    from dataclasses import fields
+
+    from ssim_ray.config import SSIMConfig
+
+    cfg, out, _ = first_run
+    summary, manifest = read_summary(out), json.loads((out / "_run.json").read_text())
+    # One function describes the metric for both files; every setting that changes a score is named.
+    assert summary["metric"] == manifest["metric"] == cfg.ssim.describe()
+    settings = {f.name for f in fields(SSIMConfig)} - {"compile"}  # compile changes speed, not bits
+    assert settings <= set(summary["metric"]) and "data_range_rule" in summary["metric"]
+    assert summary["metric"]["color"] == cfg.ssim.color and summary["metric"]["kernel"] == cfg.ssim.kernel
+    used = summary["runtime"]["kernels_used"]
+    assert used and set(used) <= {"torch-eager", "torch-compiled"}  # CPU actors, torch path
+    assert summary["runtime"]["compile"] == cfg.ssim.compile
+    from ssim_ray.config import ReportConfig
+    from ssim_ray.report import make_report
+
+    page = pathlib.Path(make_report(str(out), report_cfg=ReportConfig(worst_k=0)).html_path).read_text()
+    assert all(kernel in page for kernel in used) and "compile policy" in page
 
 
 def test_batch_size_one_and_auto_give_identical_scores(local_ray, dataset, first_run, tmp_path):

@@ -61,7 +61,7 @@ class RunInfo:
     """What the driver knows about a run that the shards do not; written into summary.json.
 
     Attributes:
-        metric: the metric's name and every setting (`ssim_ray.metric.structural.metric_settings(...)`);
+        metric: every setting that changes a score (`SSIMConfig.describe()`, as in _run.json);
             scrubbed of credentials here again.
         plan_fingerprint: `Plan.fingerprint`.
         total_pairs: `Plan.total_pairs`; a complete merge must have exactly this many rows.
@@ -79,6 +79,9 @@ class RunInfo:
             the run had no shard to compute (all resumed, or `output.merge_only`).
         num_workers: the actors the placement allowed (a run with fewer shards to compute starts fewer);
             None when the run had no shard to compute.
+        kernels: the kernels that scored this run's shards (`ssim_ray.metric.kernel_in_use`: 'torch-compiled',
+            'torch-eager', 'triton'); empty when the run computed nothing.
+        compile: the configured compile policy of the CPU kernel (`ssim.compile`).
     """
 
     metric: Mapping[str, Any]
@@ -93,6 +96,8 @@ class RunInfo:
     batch_sizes: Mapping[str, Any] = field(default_factory=dict)
     device: Optional[str] = None
     num_workers: Optional[int] = None
+    kernels: Tuple[str, ...] = ()
+    compile: Optional[str] = None
 
     def pairs_per_second(self) -> Optional[float]:
         """Pairs computed by this run per second of processing; None when nothing was computed."""
@@ -310,7 +315,8 @@ def _summary(stats: ShardStats, collector: ScoreCollector, run_info: RunInfo, sc
         "throughput": {"pairs_per_second": rate, "pairs_computed": run_info.pairs_computed,
                        "processing_seconds": run_info.processing_seconds},
         "batch_sizes": dict(run_info.batch_sizes),
-        "runtime": {"device": run_info.device, "num_workers": run_info.num_workers},
+        "runtime": {"device": run_info.device, "num_workers": run_info.num_workers,
+                    "kernels_used": list(run_info.kernels), "compile": run_info.compile},
         "source": scrub(dict(run_info.source)),
         "versions": library_versions(),
         "files": {"results": MERGED_FILE, "summary": SUMMARY_FILE},

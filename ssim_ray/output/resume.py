@@ -74,8 +74,8 @@ def build_run_manifest(
 def run_manifest(*, plan: Any, cfg: Any) -> Dict[str, Any]:
     """The run manifest of a planned job: `build_run_manifest` from a `sources.Plan` and an AuditJobConfig.
 
-    The metric entry is the metric's name with every `ssim.*` option (window, constants, data_range, color,
-    alpha, downsampling, precision): any of them changes scores, so a resume must agree on all of them.
+    The metric entry is `cfg.ssim.describe()`, every setting that changes a score (the same function writes
+    summary.json's metric block): a resume must agree on all of them.
 
     Args:
         plan: `sources.plan_shards(cfg.source)`.
@@ -91,14 +91,11 @@ def run_manifest(*, plan: Any, cfg: Any) -> Dict[str, Any]:
         >>> run_manifest(plan=plan, cfg=AuditJobConfig())["metric"]["name"]
         'wang2004'
     """
-    # Imported here: the metric pulls in torch, and the rest of the output needs none.
-    from ssim_ray.metric.structural import METRIC_NAME
-
     return build_run_manifest(
         plan_fingerprint=plan.fingerprint,
         total_pairs=plan.total_pairs,
         num_shards=len(plan.shards),
-        metric={"name": METRIC_NAME, **asdict(cfg.ssim)},
+        metric=cfg.ssim.describe(),
         source=asdict(cfg.source),
     )
 

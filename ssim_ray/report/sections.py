@@ -155,6 +155,8 @@ def _run_table(summary: Mapping[str, Any], output_url: str) -> str:
         ("wall s", number(summary.get("wall_seconds"), ["wall_seconds"], digits=2)),
         ("device", esc(runtime.get("device"))),
         ("workers", number(runtime.get("num_workers"), ["runtime", "num_workers"])),
+        ("kernels used", esc(", ".join(runtime.get("kernels_used") or []) or "none (nothing computed)")),
+        ("compile policy", esc(runtime.get("compile"))),
         ("plan", f"<code>{esc(summary.get('plan_fingerprint'))}</code>"),
     ]
     return f'<table class="kv"><caption>Run</caption>{header_rows(rows)}</table>'

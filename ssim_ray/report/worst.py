@@ -75,7 +75,8 @@ def configs_from_manifest(manifest: Mapping[str, Any]) -> Tuple[SourceConfig, SS
     known_ssim = {f.name for f in fields(SSIMConfig)}
     try:
         return (SourceConfig(**{k: v for k, v in source.items() if k in known_source}),
-                SSIMConfig(**{k: v for k, v in metric.items() if k in known_ssim}))
+                # None: a setting the metric does not use (sigma of a uniform window): the schema default.
+                SSIMConfig(**{k: v for k, v in metric.items() if k in known_ssim and v is not None}))
     except TypeError as error:
         raise ValueError(f"{RUN_MANIFEST} source/metric must match the config schema, got {error}") from error
 
@@ -145,10 +146,9 @@ def _fill_panel(panel: WorstPanel, pair: Any, ssim_cfg: SSIMConfig) -> None:
         return
     # compile="never": a dozen pairs are scored here, and compiling the fused CPU kernel (same bits) would
     # take longer than all of them together.
-    score, ssim_map = ssim(pair.ref, pair.dist, data_range=pair.data_range, win_size=ssim_cfg.win_size,
-                           sigma=ssim_cfg.sigma, k1=ssim_cfg.k1, k2=ssim_cfg.k2, gaussian=ssim_cfg.gaussian,
-                           downsample=ssim_cfg.downsample, precision=ssim_cfg.precision, return_map=True,
-                           compile="never")
+    # kernel="torch": only the torch path draws maps (a run scored by Triton agrees with it to 1e-6).
+    options = {**ssim_cfg.ssim_options(), "compile": "never", "kernel": "torch"}
+    score, ssim_map = ssim(pair.ref, pair.dist, data_range=pair.data_range, return_map=True, **options)
     values = ssim_map.detach().to("cpu").double().numpy()
     while values.ndim > 2:  # batch and channel axes: the mean over channels has the score as its mean
         values = values.mean(axis=0)
