@@ -1,7 +1,8 @@
 """Input and option checks of the metric: the one set of rules that `ssim()` and the Triton launcher apply.
 
-Owns what a valid call looks like: the pixel dtypes, the option choices (precision, downsample, kernel,
-compile policy), the window's and the constants' ranges, the data range, and the forms of x and y (tensors
+Owns what a valid call looks like: the pixel dtypes, the option choices (precision, downsample, covariance,
+kernel, compile policy), the window's and the constants' ranges, the border crop, the data range, and the
+forms of x and y (tensors
 of one dtype, device and shape; a batch or a ragged list). A wrong kind of value is a TypeError and a value
 out of range a ValueError, and each message names what was expected and what was got. Nothing here computes.
 The one rule that needs the window's geometry, an image at least one window large after downsampling,
@@ -18,6 +19,9 @@ import torch
 
 PRECISIONS = ("fp32", "fp64", "amp")
 DOWNSAMPLE_MODES = (None, "wang")
+# population: Wang's biased moments (divide by the window's weight, 1); sample: scikit-image's default,
+# every variance and the covariance times N / (N - 1) with N = win_size^2.
+COVARIANCES = ("population", "sample")
 KERNELS = ("auto", "torch", "triton")
 COMPILE_POLICIES = ("auto", "always", "never")
 SUPPORTED_DTYPES = (torch.uint8, torch.uint16, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -144,8 +148,35 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
+def check_crop_border(crop_border: object) -> int:
+    """`crop_border` itself, if it is an int >= 0 (pixels removed from each side of both images first).
+
+    Raises:
+        TypeError: crop_border is not an int (a bool or a float is not).
+        ValueError: It is negative.
+
+    Example:
+        >>> check_crop_border(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: crop_border must be an int >= 0 (pixels removed from each side), got -1
+    """
+    if isinstance(crop_border, bool) or not isinstance(crop_border, numbers.Integral):
+        raise TypeError(f"crop_border must be an int, got {type(crop_border).__name__} {crop_border!r}")
+    if crop_border < 0:
+        raise ValueError(f"crop_border must be an int >= 0 (pixels removed from each side), got {crop_border}")
+    return int(crop_border)
+
+
+def check_precision(precision: object) -> None:
+    """Raises ValueError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
 def check_options(
-    *, win_size: int, sigma: float, k1: float, k2: float, gaussian: bool, downsample: str | None, precision: str
+    *, win_size: int, sigma: float, k1: float, k2: float, gaussian: bool, downsample: str | None, precision: str,
+    covariance: str = "population", crop_border: int = 0,
 ) -> None:
     """Every option that changes a score, as `ssim` and `metric_settings` take them.
 
@@ -158,8 +189,12 @@ def check_options(
     check_positive_number("k2", k2)
     if downsample not in DOWNSAMPLE_MODES:
         raise ValueError(f"downsample must be one of {list(DOWNSAMPLE_MODES)}, got {downsample!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {list(COVARIANCES)}, got {covariance!r}")
+    if covariance == "sample" and win_size == 1:
+        raise ValueError("covariance='sample' needs a window of at least 3x3 (N / (N - 1) with N = 1), got win_size=1")
+    check_crop_border(crop_border)
 
 
 def resolve_data_range(dtype: torch.dtype, data_range: object) -> float:
@@ -181,6 +216,26 @@ def resolve_data_range(dtype: torch.dtype, data_range: object) -> float:
             "[0, 1] or 255.0 for [0, 255]), got None; it is never inferred from the values"
         )
     return check_positive_number("data_range", data_range)
+
+
+def raise_non_finite(x: torch.Tensor, y: torch.Tensor, *, metric: str) -> None:
+    """Say why a value came out NaN or inf: non-finite input (which items), or an overflow.
+
+    Called only after a value came out NaN/inf, so valid input pays no extra pass or device sync.
+
+    Raises:
+        ValueError: always; the message names the batch items holding NaN or inf, if any.
+    """
+    for name, t in (("x", x), ("y", y)):
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                where = torch.nonzero(bad).flatten()[:5].tolist()
+                raise ValueError(f"{name} must be finite, got NaN or inf in batch item(s) {where}")
+    raise ValueError(
+        f"{metric} came out NaN or inf for finite input: the values overflow the compute precision; "
+        "scale the images to their data_range"
+    )
 
 
 def as_batch(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

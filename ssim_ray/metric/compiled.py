@@ -13,8 +13,8 @@ of tiles from a queue: OpenMP's barriers, several per chunk, made the kernel 5x 
 than with one whenever another process held a core (measured on a shared 2-core machine), while a queue
 of independent chunks only loses the share of the busy core.
 
-State kept here is a cache, not configuration: one runner per (dtype, window) per process, holding its
-compiled kernel and its eager seconds, and one thread pool per thread count.
+State kept here is a cache, not configuration: one runner per (dtype, window, tile variant) per process,
+holding its compiled kernel and its eager seconds, and one thread pool per thread count.
 """
 
 from __future__ import annotations
@@ -23,16 +23,28 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from ssim_ray.metric.tiles import TILES_PER_CALL, Chunk, eager_tile_sums, join_sums, split_tiles, tile_sums
+from ssim_ray.metric.tiles import (
+    WANG,
+    Chunk,
+    PlaneTiles,
+    TileVariant,
+    chunk_buffer,
+    eager_tile_sums,
+    join_sums,
+    tile_sums,
+    tiles_per_call,
+)
 
 COMPILE_AFTER_S = 3.0
+COMPILE_OPTIONS = {"cpp.threads": 1, "cpp_wrapper": True}
 _kernels: dict = {}
 _kernel_lock = threading.Lock()
 _pools: dict = {}
+_thread_buffers = threading.local()  # each pool thread's chunk buffers, reused call after call
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -43,10 +55,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 class _CompiledTiles:
-    """The compiled tile kernel for one (dtype, window) on CPU, or the eager one until it pays to compile."""
+    """The compiled tile kernel for one (dtype, window, variant) on CPU, or the eager one until it pays to compile."""
 
-    def __init__(self, taps: List[float]) -> None:
+    def __init__(self, taps: List[float], variant: TileVariant = WANG, tile: Tuple[int, int] = (0, 0)) -> None:
         self.taps = taps
+        self.variant = variant
+        self.per_call = tiles_per_call(*tile)
         self.eager_seconds = 0.0
         self.compiled = None
         self.ready_for_threads: set = set()
@@ -60,32 +74,47 @@ class _CompiledTiles:
     def compile(self) -> None:
         import torch._inductor.config  # noqa: F401 - loaded here, not at import: only compiling needs it
 
-        taps = self.taps
+        taps, variant = self.taps, self.variant
 
         def kernel(x, y, rows, cols, consts):
-            return tile_sums(x, y, rows, cols, consts, taps)
+            return tile_sums(x, y, rows, cols, consts, taps, variant)
 
         # torch.compile keeps its compiled variants on the function's code object, at most 8 of them; every
         # runner's `kernel` shares one code object, so (dtype, window, thread count) variants would add up
         # and hit that limit. A code object of its own per runner keeps them apart.
         kernel.__code__ = kernel.__code__.replace(co_name=f"ssim_tiles_{id(self):x}")
-        # One static shape, TILES_PER_CALL tiles of one size, for every image size and batch: compiled once.
+        # One static shape, `per_call` tiles of one size, for every image size and batch: compiled once.
         # (Marking the tile count dynamic instead cost 1.6x the CPU time per tile and as long to compile.)
-        self.compiled = torch.compile(kernel, dynamic=False, fullgraph=True)
+        # Single-threaded code (the pool runs chunks side by side), wrapped in C++: inductor's default Python
+        # binding holds the GIL for the whole kernel, so the pool's threads took turns instead of running
+        # together (measured: 2 threads no faster than 1).
+        self.compiled = torch.compile(kernel, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
 
     def call(self, chunk: Chunk, consts: torch.Tensor) -> torch.Tensor:
         return self.compiled(*chunk, consts)
 
-    def compiled_sums(self, chunks: List[Chunk], consts: torch.Tensor) -> List[torch.Tensor]:
+    def cut_and_call(self, x: PlaneTiles, y: PlaneTiles, rows, cols, start: int, consts: torch.Tensor) -> torch.Tensor:
+        """Cut tiles start .. start + per_call - 1 into this thread's buffers and run the kernel on them."""
+        buffers = _thread_buffers.__dict__.setdefault("by_key", {})
+        key = (self.per_call, x.tile_shape, x.dtype)
+        if key not in buffers:
+            buffers[key] = (chunk_buffer(x, self.per_call), chunk_buffer(y, self.per_call))
+        x_buffer, y_buffer = buffers[key]
+        end = start + self.per_call
+        return self.call((x.chunk_into(x_buffer, start, self.per_call), y.chunk_into(y_buffer, start, self.per_call),
+                          rows[start:end], cols[start:end]), consts)
+
+    def compiled_sums(self, x: PlaneTiles, y: PlaneTiles, rows, cols, consts: torch.Tensor) -> List[torch.Tensor]:
         threads = torch.get_num_threads()
+        starts = list(range(0, x.count, self.per_call))
         first = []
         if threads not in self.ready_for_threads:
-            # torch.compile guards on the thread count: (re)compile here, single-threaded code, one at a time.
-            with _kernel_lock, torch._inductor.config.patch({"cpp.threads": 1}):
-                first = [self.call(chunks[0], consts)]
+            # torch.compile guards on the thread count: (re)compile here, one at a time.
+            with _kernel_lock:
+                first = [self.cut_and_call(x, y, rows, cols, starts[0], consts)]
                 self.ready_for_threads.add(threads)
-        rest = chunks[len(first):]
-        return first + list(_pool(threads).map(lambda chunk: self.call(chunk, consts), rest))
+        rest = starts[len(first):]
+        return first + list(_pool(threads).map(lambda start: self.cut_and_call(x, y, rows, cols, start, consts), rest))
 
     def uses_compiled(self, policy: str) -> bool:
         """Whether a call under `policy` runs the compiled kernel, as things stand."""
@@ -98,12 +127,13 @@ class _CompiledTiles:
                 self.compile()
         if not self.uses_compiled(policy):
             start = time.perf_counter()
-            out = eager_tile_sums(x, y, rows, cols, consts, self.taps)
+            out = eager_tile_sums(x, y, rows, cols, consts, self.taps, self.variant)
             self.eager_seconds += time.perf_counter() - start
             return out
-        chunks = split_tiles(x, y, rows, cols, TILES_PER_CALL, min_tiles=TILES_PER_CALL)
+        pad = -x.count % self.per_call  # the last call's empty tiles: extents 0, masked out
+        rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
         try:
-            return join_sums(self.compiled_sums(chunks, consts), x.shape[0])
+            return join_sums(self.compiled_sums(x, y, rows, cols, consts), x.count)
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             # e.g. no C++ compiler on this machine: said once, then the eager kernel (same bits)
             self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -111,36 +141,44 @@ class _CompiledTiles:
             return self.sums(x, y, rows, cols, consts, policy=policy)
 
 
-def _runner(dtype: torch.dtype, taps: List[float]) -> _CompiledTiles:
+def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:
     with _kernel_lock:
-        return _kernels.setdefault((dtype, tuple(taps)), _CompiledTiles(taps))
+        key = (dtype, tuple(taps), variant, tile)
+        if key not in _kernels:
+            _kernels[key] = _CompiledTiles(taps, variant, tile)
+        return _kernels[key]
 
 
-def torch_tile_sums(x, y, rows, cols, consts: torch.Tensor, taps: List[float], *, policy: str) -> torch.Tensor:
-    """(K,) float64 tile sums by the torch path: on CPU the runner of (dtype, window) under `policy`.
+def torch_tile_sums(x: PlaneTiles, y: PlaneTiles, rows, cols, consts: torch.Tensor, taps: List[float], *,
+                    policy: str, variant: TileVariant = WANG) -> torch.Tensor:
+    """(K,) float64 tile sums by the torch path ((K, 2) with `variant.with_cs`): on CPU the runner of
+    (dtype, window, variant) under `policy`.
 
     Args:
-        x, y, rows, cols: Tiles and their extents (`ssim_ray.metric.tiles.cut_tiles`, `tile_extents`).
-        consts: (2,) C1, C2 in the compute dtype.
+        x, y, rows, cols: Tiles and their extents (`ssim_ray.metric.tiles.plane_tiles`, `tile_extents`).
+        consts: C1, C2 (and N / (N - 1) for sample covariance) in the compute dtype.
         taps: The window's taps in the compute dtype (`tiles.taps_in`).
         policy: 'auto', 'always' or 'never' (checked by the caller); only CPU tensors compile.
+        variant: What the tiles compute besides Wang's SSIM (`tiles.TileVariant`).
 
     Returns:
-        The float64 sum of each tile's valid map.
+        The float64 sum of each tile's valid map (maps).
     """
-    if x.device.type != "cpu":
-        return eager_tile_sums(x, y, rows, cols, consts, taps)
-    return _runner(consts.dtype, taps).sums(x, y, rows, cols, consts, policy=policy)
+    if x.planes.device.type != "cpu":
+        return eager_tile_sums(x, y, rows, cols, consts, taps, variant)
+    return _runner(consts.dtype, taps, variant, (x.grid.rows, x.grid.cols)).sums(x, y, rows, cols, consts, policy=policy)
 
 
-def compiled_in_use(dtype: torch.dtype, taps: List[float], *, policy: str) -> bool:
-    """Whether the CPU kernel of (dtype, window) is the compiled one for a call under `policy`.
+def compiled_in_use(dtype: torch.dtype, taps: List[float], *, policy: str, variant: TileVariant = WANG) -> bool:
+    """Whether the CPU kernel of (dtype, window, variant) is the compiled one for a call under `policy`.
 
     After a call with the same policy: whether that call ran compiled (a compile happens as a call starts,
-    and a failed compile leaves the eager kernel). Before any call: 'always' will compile on first use.
+    and a failed compile leaves the eager kernel); each tile shape has its own kernel, and a call counts as
+    compiled if one of those it ran is. Before any call: 'always' will compile on first use.
     """
     with _kernel_lock:
-        runner = _kernels.get((dtype, tuple(taps)))
-    if runner is None or (runner.compiled is None and runner.failed is None):
+        runners = [runner for key, runner in _kernels.items() if key[:3] == (dtype, tuple(taps), variant)]
+    decided = [runner for runner in runners if runner.compiled is not None or runner.failed is not None]
+    if not decided:
         return policy == "always"
-    return runner.uses_compiled(policy)
+    return any(runner.uses_compiled(policy) for runner in decided)

@@ -4,7 +4,7 @@
 - 'torch': the tile path (`ssim_ray.metric.tiles`), on CPU compiled per the compile policy
   (`ssim_ray.metric.compiled`), eager on other devices. It serves every call.
 - 'triton': the fused kernel (`ssim_ray.metric.triton`). It serves float32 scores ('fp32', 'amp') without
-  maps, windows of up to 11 taps, at most 65535 pairs per batch, pixels it reads in their own dtype (not
+  maps, population moments, windows of up to 11 taps, at most 65535 pairs per batch, pixels it reads in their own dtype (not
   float64), on CUDA - or CPU tensors when triton runs interpreted. Anything else is refused with a
   ValueError that lists why, never handed silently to the torch path: the kernel a run records is the one
   that scored. (The two agree within 1e-6, not to the bit.)
@@ -19,9 +19,27 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ssim_ray.metric.checks import COMPILE_POLICIES, KERNELS, PRECISIONS, check_choice, check_window, dtype_names
+from ssim_ray.metric.checks import (
+    COMPILE_POLICIES,
+    COVARIANCES,
+    KERNELS,
+    PRECISIONS,
+    check_choice,
+    check_window,
+    dtype_names,
+)
 from ssim_ray.metric.compiled import compiled_in_use, torch_tile_sums
-from ssim_ray.metric.tiles import cut_tiles, eager_tile_maps, pairwise_sum_last, stitch, taps_in, tile_extents
+from ssim_ray.metric.tiles import (
+    TileVariant,
+    eager_tile_maps,
+    pairwise_sum_last,
+    plane_sums_in_order,
+    plane_tiles,
+    stitch,
+    taps_in,
+    tile_extents,
+    tile_grid,
+)
 from ssim_ray.metric.triton import launcher
 from ssim_ray.metric.window import gaussian_window_1d
 
@@ -45,6 +63,7 @@ def triton_refusals(
     win_size: int,
     pixel_dtype: Optional[torch.dtype] = None,
     batch: Optional[int] = None,
+    covariance: str = "population",
 ) -> List[str]:
     """Why the fused kernel cannot score such a call here, one reason each; empty when it can.
 
@@ -55,6 +74,7 @@ def triton_refusals(
         win_size: Window taps.
         pixel_dtype: The dtype the kernel would read (after downsampling); None: not known yet.
         batch: Pairs in the batch; None: not known yet.
+        covariance: ssim()'s covariance ('population' or 'sample').
 
     Returns:
         Reasons as phrases, e.g. "precision='fp64': the kernel computes in float32".
@@ -75,6 +95,8 @@ def triton_refusals(
         reasons.append("precision='fp64': the kernel computes in float32")
     if return_map:
         reasons.append("return_map=True: the kernel keeps no SSIM maps")
+    if covariance != "population":
+        reasons.append(f"covariance={covariance!r}: the kernel computes population moments")
     if win_size > launcher.MAX_WIN_SIZE:
         reasons.append(f"win_size={win_size}: the kernel's window has at most {launcher.MAX_WIN_SIZE} taps")
     if pixel_dtype is not None and pixel_dtype not in launcher.SUPPORTED_DTYPES:
@@ -107,6 +129,7 @@ def per_channel_means(
     k2: float,
     dtype: torch.dtype,
     return_map: bool,
+    covariance: str = "population",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Mean SSIM per image and channel, (N, C) in `dtype`, of one validated same-shape batch (N, C, H, W).
 
@@ -120,24 +143,53 @@ def per_channel_means(
             x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian
         )
         return means, None
+    variant = TileVariant(sample_covariance=covariance == "sample")
+    means, ssim_map = tile_means(x, y, policy=policy, data_range=data_range, window=window, k1=k1, k2=k2,
+                                 dtype=dtype, variant=variant, return_map=return_map)
+    return means.to(dtype)[..., 0], ssim_map
+
+
+def tile_means(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    policy: str,
+    data_range: float,
+    window: torch.Tensor,
+    k1: float,
+    k2: float,
+    dtype: torch.dtype,
+    variant: TileVariant,
+    return_map: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Float64 means of the tile maps by the torch path: (N, C, 1) SSIM, or (N, C, 2) SSIM and cs with
+    `variant.with_cs`, of one validated same-shape batch (N, C, H, W) computed in `dtype` [and the SSIM maps].
+
+    Each mean is an image's own tile sums added in an order fixed by its size, then divided by the size of
+    its valid map: the same bits in any batch.
+    """
     count, channels, height, width = x.shape
     win = window.numel()
     taps = taps_in(window, dtype)
-    consts = torch.tensor([(k1 * data_range) ** 2, (k2 * data_range) ** 2], dtype=dtype, device=x.device)
+    values = [(k1 * data_range) ** 2, (k2 * data_range) ** 2]
+    if variant.sample_covariance:  # scikit-image's N / (N - 1) with N the window's pixel count, Gaussian or not
+        values.append(win * win / (win * win - 1.0))
+    consts = torch.tensor(values, dtype=dtype, device=x.device)
     planes = count * channels
-    xt = cut_tiles(x.reshape(planes, height, width), win, dtype)
-    yt = cut_tiles(y.reshape(planes, height, width), win, dtype)
-    rows, cols = tile_extents(planes, height, width, win, x.device)
+    grid = tile_grid(height, width, win)
+    xt = plane_tiles(x.reshape(planes, height, width), grid, dtype)
+    yt = plane_tiles(y.reshape(planes, height, width), grid, dtype)
+    rows, cols = tile_extents(planes, grid, x.device)
     if return_map:  # diagnostic path: eager, same ops, so the same bits as the compiled sums
-        sums, tile_maps = eager_tile_maps(xt, yt, rows, cols, consts, taps)
-        ssim_map = stitch(tile_maps, planes, height, width, win).reshape(count, channels, height - win + 1, -1)
+        sums, tile_maps = eager_tile_maps(xt, yt, rows, cols, consts, taps, variant)
+        ssim_map = stitch(tile_maps, planes, grid).reshape(count, channels, height - win + 1, -1)
     else:
-        sums, ssim_map = torch_tile_sums(xt, yt, rows, cols, consts, taps, policy=policy), None
-    plane_sums = pairwise_sum_last(sums.reshape(planes, -1))
+        sums, ssim_map = torch_tile_sums(xt, yt, rows, cols, consts, taps, policy=policy, variant=variant), None
+    sums = plane_sums_in_order(sums, planes, grid).reshape(planes, -1, 2 if variant.with_cs else 1)
+    plane_sums = pairwise_sum_last(sums.transpose(1, 2))
     # A tensor divisor: true division on every device (CUDA turns a scalar divisor into a reciprocal).
     count_px = torch.full_like(plane_sums, (height - win + 1) * (width - win + 1))
-    means = (plane_sums / count_px).to(dtype)
-    return means.reshape(count, channels), ssim_map
+    return (plane_sums / count_px).reshape(count, channels, -1), ssim_map
 
 
 def _as_device(device: object) -> torch.device:
@@ -160,6 +212,7 @@ def kernel_in_use(
     win_size: int = 11,
     sigma: float = 1.5,
     gaussian: bool = True,
+    covariance: str = "population",
 ) -> str:
     """Which kernel `ssim()` runs on `device` with these options, in this process: for a job's records.
 
@@ -167,7 +220,8 @@ def kernel_in_use(
     'torch-eager' the torch path without it (other devices, compile='never', before 'auto' has compiled,
     or where compiling failed). After an ssim() call with the same options this is the kernel that call
     ran (a compile happens as a call starts); before any, the one the first call will run ('always'
-    compiles on first use). The compiled kernel is kept per precision and window, hence those options.
+    compiles on first use). The compiled kernel is kept per precision, window and covariance, hence those
+    options.
 
     Args:
         device: 'cpu', 'cuda', 'cuda:1' or a torch.device.
@@ -177,6 +231,7 @@ def kernel_in_use(
         win_size: Window taps, as given to ssim().
         sigma: Gaussian standard deviation, as given to ssim().
         gaussian: Gaussian (True) or uniform (False) window, as given to ssim().
+        covariance: 'population' or 'sample', as given to ssim().
 
     Returns:
         One of KERNELS_IN_USE: 'torch-compiled', 'torch-eager' or 'triton'.
@@ -201,12 +256,15 @@ def kernel_in_use(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     check_window(win_size, sigma, gaussian)
+    check_choice("covariance", covariance, COVARIANCES)
     device = _as_device(device)
     if kernel == "triton":
-        refuse_unservable(kernel, triton_refusals(device, precision=precision, return_map=False, win_size=win_size))
+        refuse_unservable(kernel, triton_refusals(device, precision=precision, return_map=False, win_size=win_size,
+                                                  covariance=covariance))
         return "triton"
     if device.type != "cpu":
         return "torch-eager"
     dtype = torch.float64 if precision == "fp64" else torch.float32
     taps = taps_in(gaussian_window_1d(win_size, sigma, gaussian=gaussian), dtype)
-    return "torch-compiled" if compiled_in_use(dtype, taps, policy=compile) else "torch-eager"
+    variant = TileVariant(sample_covariance=covariance == "sample")
+    return "torch-compiled" if compiled_in_use(dtype, taps, policy=compile, variant=variant) else "torch-eager"

@@ -1,36 +1,38 @@
-"""The `wang2004` SSIM's public face: `ssim()`, `metric_settings()`, `mean_over_channels()`, and how a call
-becomes batches (a tensor batch as it is; a ragged list grouped by shape, scores back in list order).
+"""The `wang2004` SSIM's public face: `ssim()`, `metric_settings()` and `mean_over_channels()`.
 
 Pure torch, tensors in, tensors out; no I/O, Ray, Hydra or environment variables. The arithmetic lives in
 `ssim_ray.metric.tiles` (see its docstring for how the map is computed exactly and batch-invariantly), the
-rules for valid input in `.checks` and `.window`, and the choice of kernel in `.kernel_choice`.
+rules for valid input in `.checks` and `.window`, how a call becomes batches in `.batches`, and the choice
+of kernel in `.kernel_choice`.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
+from ssim_ray.metric.batches import ImageInput, in_caller_order, pair_batches
 from ssim_ray.metric.checks import (
     COMPILE_POLICIES,
     KERNELS,
-    as_batch,
     check_choice,
     check_flag,
     check_options,
     check_positive_number,
-    check_same,
-    check_tensor,
-    ragged_pairs,
+    raise_non_finite,
     resolve_data_range,
 )
 from ssim_ray.metric.kernel_choice import per_channel_means, refuse_unservable, resolve_kernel, triton_refusals
-from ssim_ray.metric.window import check_size, gaussian_window_1d, wang_downsample, wang_downsample_factor
+from ssim_ray.metric.window import (
+    check_size,
+    crop_borders,
+    gaussian_window_1d,
+    wang_downsample,
+    wang_downsample_factor,
+)
 
 METRIC_NAME = "wang2004"
-
-ImageInput = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def metric_settings(
@@ -43,6 +45,8 @@ def metric_settings(
     downsample: Optional[str],
     precision: str,
     data_range: Union[float, str, None] = None,
+    covariance: str = "population",
+    crop_border: int = 0,
 ) -> dict:
     """The metric's name and every option that changes a score, for summaries and run manifests.
 
@@ -55,10 +59,13 @@ def metric_settings(
         downsample: None or 'wang'.
         precision: 'fp32', 'fp64' or 'amp'.
         data_range: L as a number, 'auto' (from each file's bit depth) or None (the dtype's maximum).
+        covariance: 'population' (Wang's moments) or 'sample' (times N / (N - 1), scikit-image's default).
+        crop_border: Pixels removed from each side before anything else.
 
     Returns:
-        A JSON-ready dict with "name": "wang2004" and the options above, plus the fixed parts of the
-        definition (population moments, valid region, mean over the map then over channels).
+        A JSON-ready dict with "name": "wang2004" and the options above ("moments" says what the
+        covariance means), plus the fixed parts of the definition (valid region, mean over the map then
+        over channels).
 
     Raises:
         TypeError, ValueError: an option is invalid, exactly as `ssim` would say.
@@ -69,7 +76,8 @@ def metric_settings(
         'wang2004'
     """
     check_options(
-        win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian, downsample=downsample, precision=precision
+        win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian, downsample=downsample, precision=precision,
+        covariance=covariance, crop_border=crop_border,
     )
     if data_range not in (None, "auto"):
         data_range = check_positive_number("data_range", data_range)
@@ -84,24 +92,12 @@ def metric_settings(
         "data_range": data_range,
         "downsample": downsample,
         "precision": precision,
-        "moments": "population",
+        "covariance": covariance,
+        "moments": covariance if covariance == "population" else f"{covariance}: variances and covariance x N/(N-1)",
+        "crop_border": int(crop_border),
         "region": "valid",
         "reduction": "mean over the map per channel, then mean over channels",
     }
-
-
-def _raise_non_finite(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Called only when a score came out NaN/inf, so valid input pays no extra pass or device sync."""
-    for name, t in (("x", x), ("y", y)):
-        if t.is_floating_point():
-            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-            if bool(bad.any()):
-                where = torch.nonzero(bad).flatten()[:5].tolist()
-                raise ValueError(f"{name} must be finite, got NaN or inf in batch item(s) {where}")
-    raise ValueError(
-        "SSIM came out NaN or inf for finite input: the values overflow the compute precision; "
-        "scale the images to their data_range"
-    )
 
 
 def _ssim_batch(
@@ -118,19 +114,22 @@ def _ssim_batch(
     return_map: bool,
     kernel: str,
     policy: str,
+    covariance: str,
+    crop_border: int,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-channel scores (N, C) [and maps] of one checked same-shape (N, C, H, W) batch."""
     if x.shape[1] == 0:
         raise ValueError(f"images must have at least one channel, got shape {tuple(x.shape)}")
-    check_size(x.shape[-2], x.shape[-1], window.numel(), downsample)
+    check_size(x.shape[-2], x.shape[-1], window.numel(), downsample, crop_border)
     data_range = resolve_data_range(x.dtype, data_range)
     # amp keeps fp32 moments and formula; half precision would only be an exact storage format for uint8 /
     # fp16 pixels, which the torch path converts once anyway, so it has nothing to gain from it.
     dtype = torch.float64 if precision == "fp64" else torch.float32
     refuse_unservable(kernel, triton_refusals(
         x.device, precision=precision, return_map=return_map, win_size=window.numel(),
-        pixel_dtype=dtype if downsample == "wang" else x.dtype, batch=x.shape[0],
+        pixel_dtype=dtype if downsample == "wang" else x.dtype, batch=x.shape[0], covariance=covariance,
     ))
+    x, y = crop_borders(x, crop_border), crop_borders(y, crop_border)
     if downsample == "wang":
         f = wang_downsample_factor(x.shape[-2], x.shape[-1])
         x, y = wang_downsample(x.to(dtype), f), wang_downsample(y.to(dtype), f)
@@ -140,10 +139,10 @@ def _ssim_batch(
         return torch.empty(x.shape[:2], dtype=dtype, device=x.device), empty_map
     means, ssim_map = per_channel_means(
         x, y, kernel=kernel, policy=policy, data_range=data_range, window=window, window_spec=window_spec, k1=k1,
-        k2=k2, dtype=dtype, return_map=return_map,
+        k2=k2, dtype=dtype, return_map=return_map, covariance=covariance,
     )
     if not bool(torch.isfinite(means).all()):
-        _raise_non_finite(x, y)
+        raise_non_finite(x, y, metric="SSIM")
     return means, ssim_map
 
 
@@ -161,6 +160,8 @@ def ssim(
     return_map: bool = False,
     downsample: Optional[str] = None,
     precision: str = "fp32",
+    covariance: str = "population",
+    crop_border: int = 0,
     kernel: str = "auto",
     compile: str = "auto",
 ):
@@ -202,6 +203,10 @@ def ssim(
         precision: 'fp32' (moments and formula in float32), 'fp64' (float64, for validation) or 'amp'
             (float32 moments and formula as well: half precision is never used for E[x^2]-like terms, and
             a surrounding torch.autocast has no effect here).
+        covariance: 'population' (Wang's biased moments) or 'sample' (every variance and the covariance
+            times N / (N - 1), N = win_size^2: scikit-image's default `use_sample_covariance=True`).
+        crop_border: Pixels removed from each side of both images before anything else (BasicSR's
+            `crop_border`, usually the super-resolution scale); 0 keeps the whole image.
         kernel: 'torch' (the tile path above, on any device), 'triton' (the fused CUDA kernel: float32
             scores within 1e-6 of the torch path, not the same bits; it refuses what it cannot score
             rather than fall back) or 'auto' (for now the torch path everywhere: the Triton kernel has
@@ -217,11 +222,11 @@ def ssim(
     Raises:
         TypeError: x or y is not a tensor (or list of tensors), has an unsupported dtype (bool, complex,
             int8/16/32/64 ...) or the two have different dtypes; an option has the wrong type.
-        ValueError: shapes differ, a side is smaller than the window (after downsampling), the window is
-            even or not positive, float input has no data_range, an option is out of range, the input
-            holds NaN or inf, or kernel='triton' cannot score the call (the message says why: device,
-            triton missing, precision='fp64', return_map, a window over 11 taps, float64 pixels, a batch
-            over 65535 pairs).
+        ValueError: shapes differ, a side is smaller than the window (after the border crop and
+            downsampling), the window is even or not positive, float input has no data_range, an option is
+            out of range, the input holds NaN or inf, or kernel='triton' cannot score the call (the message
+            says why: device, triton missing, precision='fp64', return_map, covariance='sample', a window
+            over 11 taps, float64 pixels, a batch over 65535 pairs).
 
     Example:
         >>> import torch
@@ -237,7 +242,8 @@ def ssim(
         visibility to structural similarity", IEEE Trans. Image Processing 13(4), 600-612, 2004.
     """
     check_options(
-        win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian, downsample=downsample, precision=precision
+        win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=gaussian, downsample=downsample, precision=precision,
+        covariance=covariance, crop_border=crop_border,
     )
     check_flag("per_channel", per_channel)
     check_flag("return_map", return_map)
@@ -246,14 +252,25 @@ def ssim(
     window = gaussian_window_1d(win_size, sigma, gaussian=gaussian)
     options = dict(data_range=data_range, window=window, window_spec=(int(win_size), float(sigma), bool(gaussian)),
                    k1=float(k1), k2=float(k2), downsample=downsample, precision=precision, return_map=return_map,
-                   kernel=kernel, policy=compile)
-    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-        scores, maps = _ssim_tensors(x, y, options)
-    else:
-        scores, maps = _ssim_ragged(x, y, options)
+                   kernel=kernel, policy=compile, covariance=covariance, crop_border=int(crop_border))
+    batches = pair_batches(x, y)
+    with torch.autocast(device_type=batches.device.type, enabled=False):
+        results = [_ssim_batch(xb, yb, **options) for _, xb, yb in batches.groups]
+    scores = in_caller_order(batches, [means for means, _ in results])
     if not per_channel:
         scores = mean_over_channels(scores)
-    return (scores, maps) if return_map else scores
+    if not return_map:
+        return scores
+    if batches.ragged:
+        maps = [None] * batches.count
+        for (indices, _, _), (_, group_maps) in zip(batches.groups, results):
+            for j, i in enumerate(indices):
+                maps[i] = group_maps[j]
+        return scores, maps
+    maps = results[0][1]
+    if batches.single:  # one unbatched pair: no batch dim (and no channel dim of the map for (H, W))
+        maps = maps[0, 0] if batches.single == 2 else maps[0]
+    return scores, maps
 
 
 def mean_over_channels(per_channel: torch.Tensor) -> torch.Tensor:
@@ -284,38 +301,3 @@ def mean_over_channels(per_channel: torch.Tensor) -> torch.Tensor:
         total = total + per_channel[..., c]
     # A tensor divisor: CUDA divides by a Python scalar as a multiplication by its reciprocal (other bits).
     return total / torch.full_like(total, channels)
-
-
-def _ssim_tensors(x: torch.Tensor, y: torch.Tensor, options: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    x, y = check_tensor("x", x), check_tensor("y", y)
-    check_same(x, y)
-    xb, yb = as_batch(x, y)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        scores, maps = _ssim_batch(xb, yb, **options)
-    if x.dim() < 4:  # one unbatched pair: drop the batch dim (and the channel dim of the map for (H, W))
-        scores = scores[0]
-        maps = None if maps is None else (maps[0, 0] if x.dim() == 2 else maps[0])
-    return scores, maps
-
-
-def _ssim_ragged(x: Sequence, y: Sequence, options: dict) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
-    """Pairs of different sizes: same-shape pairs are batched together; scores come back in list order."""
-    pairs = ragged_pairs(x, y)
-    if not pairs:
-        raise ValueError("x and y are empty lists; give at least one pair")
-    groups: dict = {}
-    for i, (xi, _) in enumerate(pairs):
-        groups.setdefault(tuple(xi.shape), []).append(i)
-    first = pairs[0][0]
-    dtype = torch.float64 if options["precision"] == "fp64" else torch.float32
-    scores = torch.empty((len(pairs), first.shape[0]), dtype=dtype, device=first.device)
-    maps: List[Optional[torch.Tensor]] = [None] * len(pairs)
-    with torch.autocast(device_type=first.device.type, enabled=False):
-        for indices in groups.values():
-            xb = torch.stack([pairs[i][0] for i in indices])
-            yb = torch.stack([pairs[i][1] for i in indices])
-            group_scores, group_maps = _ssim_batch(xb, yb, **options)
-            scores[indices] = group_scores
-            for j, i in enumerate(indices):
-                maps[i] = None if group_maps is None else group_maps[j]
-    return scores, (maps if options["return_map"] else None)

@@ -22,22 +22,44 @@ How it computes (see docs/ARCHITECTURE.md for the contract and DESIGN.md §2 for
   The tile shape never depends on the batch, so one compiled kernel of one static shape (TILES_PER_CALL
   tiles, `ssim_ray.metric.compiled`) serves every image size, and the compiled and eager kernels give the
   same bits (no contraction into FMA, no reassociation: tested).
+- Variants (`TileVariant`), each its own compiled kernel, leave Wang's SSIM graph untouched: sample
+  covariance (scikit-image's default) scales both variances by N / (N - 1) before the formula, and MS-SSIM
+  adds the contrast-structure map cs = (B - b) / (B + b) = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2),
+  summed per tile beside the SSIM map, from the same subexpressions (so its SSIM map has ssim()'s bits).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
 
 TILE_ROWS = 64
 TILE_COLS = 128
+MIN_TILE_SIDE = 16  # smallest side of a one-tile plane's tile (`tile_grid`): two AVX-512 vectors of fp32
 TILES_PER_CALL = 32  # tiles per compiled call: 1.3 MB of fp32 input each for x and y, cache-sized
 # Tiles per eager call: bounds the memory of the ~20 live temporaries of a tile batch.
 EAGER_CHUNK = {"cpu": 64}
 DEFAULT_EAGER_CHUNK = 1024
+_SERIAL_COPY_ELEMENTS = 32768  # ATen's GRAIN_SIZE: copies below it run on the calling thread only
 
 Chunk = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TileVariant:
+    """What a tile kernel computes besides Wang's population SSIM; each variant compiles its own kernel.
+
+    sample_covariance: variances and covariance times consts[2] = N / (N - 1) (consts then holds 3 values).
+    with_cs: tile sums of the contrast-structure map too, (K, 2) sums [ssim, cs] instead of (K,).
+    """
+
+    sample_covariance: bool = False
+    with_cs: bool = False
+
+
+WANG = TileVariant()
 
 
 def taps_in(window: torch.Tensor, dtype: torch.dtype) -> List[float]:
@@ -91,13 +113,18 @@ def _local_mean_and_var(a: torch.Tensor, taps: List[float]) -> Tuple[torch.Tenso
     return _column_combine(*_row_mean_and_m2(a, taps), taps)
 
 
-def _ssim_map(x: torch.Tensor, y: torch.Tensor, taps: List[float], c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """The SSIM map over the valid region of float images (..., H, W) -> (..., H - w + 1, W - w + 1)."""
+def _maps(x: torch.Tensor, y: torch.Tensor, taps: List[float], consts: torch.Tensor,
+          variant: TileVariant) -> Tuple[torch.Tensor, ...]:
+    """(SSIM map,) or (SSIM map, cs map) over the valid region of float images (..., H, W)."""
     mean_s, var_s = _local_mean_and_var(x + y, taps)
     mean_d, var_d = _local_mean_and_var(x - y, taps)
-    big_a, small_a = mean_s * mean_s * 0.5 + c1, mean_d * mean_d * 0.5
-    big_b, small_b = var_s * 0.5 + c2, var_d * 0.5
-    return ((big_a - small_a) * (big_b - small_b)) / ((big_a + small_a) * (big_b + small_b))
+    if variant.sample_covariance:
+        var_s, var_d = var_s * consts[2], var_d * consts[2]
+    big_a, small_a = mean_s * mean_s * 0.5 + consts[0], mean_d * mean_d * 0.5
+    big_b, small_b = var_s * 0.5 + consts[1], var_d * 0.5
+    cs_num, cs_den = big_b - small_b, big_b + small_b
+    ssim_map = ((big_a - small_a) * cs_num) / ((big_a + small_a) * cs_den)
+    return (ssim_map, cs_num / cs_den) if variant.with_cs else (ssim_map,)
 
 
 # ------------------------------------------------------------------------------------------- one tile batch
@@ -124,39 +151,37 @@ def pairwise_sum_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def tile_kernel(
-    x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, consts: torch.Tensor, taps: List[float]
+    x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, consts: torch.Tensor, taps: List[float],
+    variant: TileVariant = WANG,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(K, TILE_ROWS + w - 1, TILE_COLS + w - 1) tiles -> float64 sums over each tile's valid map, and the map.
+    """(K, rows + w - 1, cols + w - 1) tiles -> float64 sums over each tile's valid map, and the (K, rows, cols) map.
 
     rows, cols: (K,) how many map rows / columns of each tile lie inside its image (the rest is padding).
-    consts: (2,) C1, C2 in the compute dtype (a tensor, so a new data_range does not recompile).
+    consts: C1, C2 (and N / (N - 1) for sample covariance) in the compute dtype (a tensor, so a new
+    data_range does not recompile).
+    Returns (K,) sums, or (K, 2) sums of the SSIM and cs maps with `variant.with_cs`, and the SSIM map.
     """
-    ssim_map = _ssim_map(x.to(consts.dtype), y.to(consts.dtype), taps, consts[0], consts[1])
-    row_ids = torch.arange(TILE_ROWS, device=x.device).view(1, TILE_ROWS, 1)
-    col_ids = torch.arange(TILE_COLS, device=x.device).view(1, 1, TILE_COLS)
+    maps = _maps(x.to(consts.dtype), y.to(consts.dtype), taps, consts, variant)
+    map_rows, map_cols = maps[0].shape[-2:]  # TILE_ROWS x TILE_COLS, or a smaller tile (see `tile_grid`)
+    row_ids = torch.arange(map_rows, device=x.device).view(1, map_rows, 1)
+    col_ids = torch.arange(map_cols, device=x.device).view(1, 1, map_cols)
     inside = (row_ids < rows.view(-1, 1, 1)) & (col_ids < cols.view(-1, 1, 1))
-    masked = torch.where(inside, ssim_map, torch.zeros((), dtype=ssim_map.dtype, device=x.device))
-    sums = pairwise_sum_last(pairwise_sum_last(masked.to(torch.float64)))
-    return sums, ssim_map
+    zero = torch.zeros((), dtype=maps[0].dtype, device=x.device)
+    sums = [pairwise_sum_last(pairwise_sum_last(torch.where(inside, m, zero).to(torch.float64))) for m in maps]
+    return (sums[0] if len(sums) == 1 else torch.stack(sums, dim=-1)), maps[0]
 
 
 def tile_sums(
-    x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, consts: torch.Tensor, taps: List[float]
+    x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, consts: torch.Tensor, taps: List[float],
+    variant: TileVariant = WANG,
 ) -> torch.Tensor:
     """Sums only, so that the map never has to be written out: what the compiled kernel runs."""
-    return tile_kernel(x, y, rows, cols, consts, taps)[0]
+    return tile_kernel(x, y, rows, cols, consts, taps, variant)[0]
 
 
-def split_tiles(x, y, rows, cols, chunk: int, min_tiles: int = 1) -> List[Chunk]:
-    """Chunks of `chunk` tiles, the last one padded with empty tiles (rows = cols = 0) to `min_tiles`."""
-    chunks = []
-    for start in range(0, x.shape[0], chunk):
-        parts = tuple(t[start : start + chunk] for t in (x, y, rows, cols))
-        real = parts[0].shape[0]
-        if real < min_tiles:
-            parts = tuple(torch.cat([t, t.new_zeros((min_tiles - real,) + t.shape[1:])]) for t in parts)
-        chunks.append(parts)
-    return chunks
+def split_tiles(x, y, rows, cols, chunk: int) -> List[Chunk]:
+    """Chunks of at most `chunk` tiles (views)."""
+    return [tuple(t[start : start + chunk] for t in (x, y, rows, cols)) for start in range(0, x.shape[0], chunk)]
 
 
 def join_sums(sums: List[torch.Tensor], total: int) -> torch.Tensor:
@@ -164,16 +189,21 @@ def join_sums(sums: List[torch.Tensor], total: int) -> torch.Tensor:
     return torch.cat(sums)[:total]  # padding tiles exist only at the end of the last chunk
 
 
-def eager_tile_sums(x, y, rows, cols, consts, taps: List[float]) -> torch.Tensor:
+def eager_tile_sums(x: "PlaneTiles", y: "PlaneTiles", rows, cols, consts, taps: List[float],
+                    variant: TileVariant = WANG) -> torch.Tensor:
     """Tile sums by the eager kernel, a bounded number of tiles at a time."""
+    x, y = x.all(), y.all()
     chunks = split_tiles(x, y, rows, cols, EAGER_CHUNK.get(x.device.type, DEFAULT_EAGER_CHUNK))
-    return join_sums([tile_sums(*chunk, consts, taps) for chunk in chunks], x.shape[0])
+    return join_sums([tile_sums(*chunk, consts, taps, variant) for chunk in chunks], x.shape[0])
 
 
-def eager_tile_maps(x, y, rows, cols, consts, taps: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+def eager_tile_maps(x: "PlaneTiles", y: "PlaneTiles", rows, cols, consts, taps: List[float],
+                    variant: TileVariant = WANG) -> Tuple[torch.Tensor, torch.Tensor]:
     """Tile sums and maps by the eager kernel (the same ops, so the same bits), a bounded number at a time."""
+    x, y = x.all(), y.all()
     chunk = EAGER_CHUNK.get(x.device.type, DEFAULT_EAGER_CHUNK)
-    parts = [tile_kernel(x[i : i + chunk], y[i : i + chunk], rows[i : i + chunk], cols[i : i + chunk], consts, taps)
+    parts = [tile_kernel(x[i : i + chunk], y[i : i + chunk], rows[i : i + chunk], cols[i : i + chunk], consts, taps,
+                         variant)
              for i in range(0, x.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -181,33 +211,186 @@ def eager_tile_maps(x, y, rows, cols, consts, taps: List[float]) -> Tuple[torch.
 # ------------------------------------------------------------------------------------------- planes <-> tiles
 
 
-def _tile_grid(height: int, width: int, win_size: int) -> Tuple[int, int, int, int]:
-    """(map height, map width, tiles down, tiles across) of one plane."""
+@dataclass(frozen=True)
+class TileGrid:
+    """How planes of one size are cut into tiles, and where those tiles lie in memory.
+
+    A tile is rows x cols map pixels plus the window's halo. A plane is cut into `across` vertical strips
+    cols + halo columns wide (columns past the image are zeros), each strip `slots` * rows input rows high
+    (rows past the image are zeros), and the strips of all planes are stacked in one buffer. Tile `i` of
+    strip `s` then starts `(s * slots + i) * rows` rows into that buffer, so every tile of a call is a view
+    with the same strides whatever the plane's size: one copy of the pixels (converting their dtype), no
+    per-tile copy. Tiles are in strip order (plane, strip, tile down the strip); `plane_sums_in_order` and
+    `stitch` put them back in row-major order per plane. A strip holds `down` tiles of the map plus one more
+    slot when the image's last input rows spill past `down` tiles (height mod rows in 1..w-1): an empty tile
+    (its extents are 0).
+    """
+
+    height: int
+    width: int
+    win: int
+    rows: int
+    cols: int
+
+    @property
+    def out_h(self) -> int:
+        return self.height - self.win + 1
+
+    @property
+    def out_w(self) -> int:
+        return self.width - self.win + 1
+
+    @property
+    def down(self) -> int:
+        return -(-self.out_h // self.rows)
+
+    @property
+    def across(self) -> int:
+        return -(-self.out_w // self.cols)
+
+    @property
+    def slots(self) -> int:
+        return -(-self.height // self.rows)
+
+    def tiles(self, planes: int) -> int:
+        """Tiles in the buffer for `planes` planes, empty slots included."""
+        return planes * self.across * self.slots
+
+
+def _one_tile_side(needed: int, full: int) -> int:
+    """The smallest power of two >= needed (at least MIN_TILE_SIDE), or `full` if that is larger."""
+    side = max(MIN_TILE_SIDE, 1 << (needed - 1).bit_length())
+    return side if side <= full else full
+
+
+def tile_grid(height: int, width: int, win_size: int) -> TileGrid:
+    """The tiling of a plane: TILE_ROWS x TILE_COLS tiles, or one smaller tile for a plane whose map fits in one.
+
+    A plane whose whole map fits in one tile is not cut into a full one: it gets the smallest power-of-two
+    tile that holds it (at least MIN_TILE_SIDE a side; rows enough for all its input rows, so that a strip
+    has one slot). The tile's sum is then the same to the bit: a full tile's pairwise halving only adds exact
+    zeros (masked map pixels) until it reaches the smaller power of two, and from there adds the same
+    values in the same order. Coarse MS-SSIM scales and thumbnails thus cost what their pixels cost.
+    """
     out_h, out_w = height - win_size + 1, width - win_size + 1
-    return out_h, out_w, -(-out_h // TILE_ROWS), -(-out_w // TILE_COLS)
+    rows = TILE_ROWS if out_h > TILE_ROWS else _one_tile_side(height, TILE_ROWS)
+    cols = TILE_COLS if out_w > TILE_COLS else _one_tile_side(out_w, TILE_COLS)
+    return TileGrid(height, width, win_size, rows, cols)
 
 
-def cut_tiles(planes: torch.Tensor, win_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """(P, H, W) planes -> (P * tiles, TILE_ROWS + w - 1, TILE_COLS + w - 1) tiles in `dtype`, zero-padded."""
-    count, height, width = planes.shape
-    _, _, down, across = _tile_grid(height, width, win_size)
-    halo = win_size - 1
-    padded = planes.new_zeros((count, down * TILE_ROWS + halo, across * TILE_COLS + halo), dtype=dtype)
-    padded[:, :height, :width] = planes  # converts uint8/uint16/half exactly into the compute dtype
-    tiles = padded.unfold(1, TILE_ROWS + halo, TILE_ROWS).unfold(2, TILE_COLS + halo, TILE_COLS)
-    return tiles.reshape(-1, TILE_ROWS + halo, TILE_COLS + halo)
+def tiles_per_call(rows: int, cols: int) -> int:
+    """Tiles per compiled call for a tile of rows x cols map pixels (each tile shape is its own kernel)."""
+    return TILES_PER_CALL
 
 
-def tile_extents(planes: int, height: int, width: int, win_size: int, device: torch.device):
-    """(K,) rows and columns of each tile's map inside the image, tiles in row-major order per plane."""
-    out_h, out_w, down, across = _tile_grid(height, width, win_size)
-    rows = (out_h - TILE_ROWS * torch.arange(down, device=device)).clamp(max=TILE_ROWS)
-    cols = (out_w - TILE_COLS * torch.arange(across, device=device)).clamp(max=TILE_COLS)
-    return rows.repeat_interleave(across).repeat(planes), cols.repeat(down * planes)
+def chunk_buffer(tiles: "PlaneTiles", per_call: int) -> torch.Tensor:
+    """A zeroed buffer that `PlaneTiles.chunk_into` can cut `per_call` of these tiles into."""
+    tile_h, tile_w = tiles.tile_shape
+    rows = per_call * tiles.grid.rows + tile_h - tiles.grid.rows
+    return torch.zeros((rows, tile_w), dtype=tiles.dtype, device=tiles.planes.device)
 
 
-def stitch(tile_maps: torch.Tensor, planes: int, height: int, width: int, win_size: int) -> torch.Tensor:
-    """(K, TILE_ROWS, TILE_COLS) tile maps back into (P, map height, map width)."""
-    out_h, out_w, down, across = _tile_grid(height, width, win_size)
-    grid = tile_maps.reshape(planes, down, across, TILE_ROWS, TILE_COLS).permute(0, 1, 3, 2, 4)
-    return grid.reshape(planes, down * TILE_ROWS, across * TILE_COLS)[:, :out_h, :out_w]
+@dataclass(frozen=True)
+class PlaneTiles:
+    """The tiles of same-size planes in `dtype`, in strip order (`TileGrid`), cut when they are needed.
+
+    `all()` cuts them at once (the eager kernel); `chunk_into()` cuts `count` of them into a caller's buffer,
+    on the thread that then runs the compiled kernel on them: the pixels are read once, while they are needed,
+    by single-threaded copies. (ATen's copies of whole batches are multi-threaded: their OpenMP barriers
+    stall whenever another process holds a core.)
+    """
+
+    planes: torch.Tensor
+    grid: TileGrid
+    dtype: torch.dtype
+
+    @property
+    def count(self) -> int:
+        return self.grid.tiles(self.planes.shape[0])
+
+    @property
+    def tile_shape(self) -> Tuple[int, int]:
+        """(rows, cols) of a tile with its halo."""
+        return self.grid.rows + self.grid.win - 1, self.grid.cols + self.grid.win - 1
+
+    def all(self) -> torch.Tensor:
+        """Every tile, (count, rows + w - 1, cols + w - 1): one view of a buffer filled by whole-batch copies."""
+        grid, planes = self.grid, self.planes
+        count, height, width = planes.shape
+        tile_h, tile_w = self.tile_shape
+        strip_h = grid.slots * grid.rows
+        buffer = planes.new_empty((self.count * grid.rows + tile_h - grid.rows, tile_w), dtype=self.dtype)
+        body = buffer[: self.count * grid.rows].view(count, grid.across, strip_h, tile_w)
+        # Strips that lie inside the image: one strided copy (converts uint8/uint16/half exactly into dtype).
+        inside = min(grid.across, max(0, (width - tile_w) // grid.cols + 1))
+        if inside:
+            p_stride, r_stride, c_stride = planes.stride()
+            source = planes.as_strided((count, inside, height, tile_w),
+                                       (p_stride, grid.cols * c_stride, r_stride, c_stride), planes.storage_offset())
+            body[:, :inside, :height].copy_(source)
+        for strip in range(inside, grid.across):  # at most the last one: it runs past the image's right edge
+            kept = width - strip * grid.cols
+            body[:, strip, :height, :kept].copy_(planes[:, :, strip * grid.cols :])
+            body[:, strip, :height, kept:].zero_()
+        body[:, :, height:].zero_()
+        buffer[self.count * grid.rows :].zero_()
+        return self._view(buffer, self.count)
+
+    def chunk_into(self, buffer: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """Tiles start .. start + count - 1 as a (count, rows + w - 1, cols + w - 1) view of `buffer`.
+
+        `buffer` is (count * rows + w - 1, cols + w - 1) in `dtype`. Each run of tiles down one strip is one
+        band of image rows, copied in blocks small enough for ATen to copy on this thread alone. Tiles past
+        the last (a padded call) and pixels past the image's edges keep whatever finite values the buffer
+        held: they only reach map pixels that the kernel masks out.
+        """
+        grid, halo = self.grid, self.grid.win - 1
+        tile = start
+        for tile in range(start, min(start + count, self.count)):
+            strip, slot = divmod(tile, grid.slots)
+            if tile > start and slot > 0:
+                continue  # copied with the run it belongs to
+            last = min(start + count, self.count, (strip + 1) * grid.slots)
+            plane, block = divmod(strip, grid.across)
+            top, left = slot * grid.rows, block * grid.cols
+            bottom = min(grid.height, (last - strip * grid.slots) * grid.rows + halo)
+            right = min(grid.width, left + grid.cols + halo)
+            at = (tile - start) * grid.rows
+            _copy_in_blocks(buffer[at : at + bottom - top, : right - left], self.planes[plane, top:bottom, left:right])
+        return self._view(buffer, count)
+
+    def _view(self, buffer: torch.Tensor, count: int) -> torch.Tensor:
+        tile_h, tile_w = self.tile_shape
+        return buffer.as_strided((count, tile_h, tile_w), (self.grid.rows * tile_w, tile_w, 1))
+
+
+def _copy_in_blocks(out: torch.Tensor, source: torch.Tensor) -> None:
+    """out.copy_(source) in blocks of rows below ATen's parallel grain size: single-threaded copies."""
+    step = max(1, _SERIAL_COPY_ELEMENTS // max(1, source.shape[-1]))
+    for top in range(0, source.shape[0], step):
+        out[top : top + step].copy_(source[top : top + step])
+
+
+def plane_tiles(planes: torch.Tensor, grid: TileGrid, dtype: torch.dtype) -> PlaneTiles:
+    """The tiles of (P, H, W) planes cut per `grid`, in `dtype` (uint8/uint16/half converted exactly), not yet cut."""
+    return PlaneTiles(planes, grid, dtype)
+
+
+def tile_extents(planes: int, grid: TileGrid, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(K,) rows and columns of each tile's map inside the image, tiles in strip order (0 for an empty slot)."""
+    rows = (grid.out_h - grid.rows * torch.arange(grid.slots, device=device)).clamp(min=0, max=grid.rows)
+    cols = (grid.out_w - grid.cols * torch.arange(grid.across, device=device)).clamp(max=grid.cols)
+    return rows.repeat(planes * grid.across), cols.repeat_interleave(grid.slots).repeat(planes)
+
+
+def plane_sums_in_order(sums: torch.Tensor, planes: int, grid: TileGrid) -> torch.Tensor:
+    """(K, ...) tile sums in strip order -> (P, down * across, ...) per plane in row-major tile order."""
+    per_strip = sums.reshape((planes, grid.across, grid.slots) + tuple(sums.shape[1:]))[:, :, : grid.down]
+    return per_strip.transpose(1, 2).reshape((planes, grid.down * grid.across) + tuple(sums.shape[1:]))
+
+
+def stitch(tile_maps: torch.Tensor, planes: int, grid: TileGrid) -> torch.Tensor:
+    """(K, rows, cols) tile maps in strip order back into (P, map height, map width)."""
+    per_strip = tile_maps.reshape(planes, grid.across, grid.slots, grid.rows, grid.cols)[:, :, : grid.down]
+    whole = per_strip.permute(0, 2, 3, 1, 4).reshape(planes, grid.down * grid.rows, grid.across * grid.cols)
+    return whole[:, : grid.out_h, : grid.out_w]

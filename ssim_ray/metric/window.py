@@ -1,10 +1,12 @@
 """The window and the image it slides over: its taps, the image size it sees, and ssim.m's downsampling.
 
 Owns the normalised 1-D window (Gaussian or uniform; the 2-D window is its outer product), the rule that an
-image holds at least one window, and the optional pre-filter of the later MATLAB `ssim.m`
-(`downsample='wang'`): factor f = max(1, round(min(H, W) / 256)) with MATLAB's rounding, an f x f box
-filter with MATLAB's 'symmetric' padding and kernel origin, then every f-th pixel. The torch path and the
-Triton launcher take the window from here, so both round the same taps.
+image holds at least one window, the border crop (`crop_border`: that many pixels removed from each side
+before anything else, as super-resolution evaluations do), and the optional pre-filter of the later MATLAB
+`ssim.m` (`downsample='wang'`): factor f = max(1, round(min(H, W) / 256)) with MATLAB's rounding, an f x f
+box filter with MATLAB's 'symmetric' padding and kernel origin, then every f-th pixel. MS-SSIM's step
+between scales is the same filter at f = 2. The torch path and the Triton launcher take the window from
+here, so both round the same taps.
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ def wang_downsample_factor(height: int, width: int) -> int:
     return max(1, matlab_round(min(height, width) / 256))
 
 
-def output_size(height: int, width: int, *, downsample: str | None) -> tuple[int, int]:
-    """Image size the SSIM window sees: unchanged, or after `downsample='wang'` (every f-th pixel).
+def output_size(height: int, width: int, *, downsample: str | None, crop_border: int = 0) -> tuple[int, int]:
+    """Image size the SSIM window sees: after the border crop, then after `downsample='wang'` if asked.
 
     Args:
         height: Image height in pixels.
         width: Image width in pixels.
         downsample: None or 'wang'.
+        crop_border: Pixels removed from each side first (0: none). A crop that leaves nothing gives a
+            size of 0.
 
     Returns:
         (height, width) as the window sees them.
@@ -60,27 +64,47 @@ def output_size(height: int, width: int, *, downsample: str | None) -> tuple[int
     Example:
         >>> output_size(640, 700, downsample="wang")
         (214, 234)
+        >>> output_size(100, 120, downsample=None, crop_border=4)
+        (92, 112)
     """
-    if downsample is None:
-        return height, width
-    if downsample != "wang":
+    if downsample not in (None, "wang"):
         raise ValueError(f"downsample must be None or 'wang', got {downsample!r}")
+    height, width = max(0, height - 2 * crop_border), max(0, width - 2 * crop_border)
+    if downsample is None or min(height, width) == 0:
+        return height, width
     f = wang_downsample_factor(height, width)
     return -(-height // f), -(-width // f)
 
 
-def check_size(height: int, width: int, win_size: int, downsample: str | None = None) -> None:
-    """Refuse an image smaller than the window (after downsampling, if any): its map would be empty.
+def check_size(height: int, width: int, win_size: int, downsample: str | None = None, crop_border: int = 0) -> None:
+    """Refuse an image smaller than the window (after the border crop and downsampling): its map would be empty.
 
     Raises:
         ValueError: A side, as the window sees it, is shorter than win_size.
     """
-    seen_h, seen_w = output_size(height, width, downsample=downsample)
+    seen_h, seen_w = output_size(height, width, downsample=downsample, crop_border=crop_border)
     if min(seen_h, seen_w) < win_size:
-        after = f" ({seen_h}x{seen_w} after downsample={downsample!r})" if downsample else ""
+        steps = ([f"crop_border={crop_border}"] if crop_border else []) + ([f"downsample={downsample!r}"] if downsample else [])
+        after = f" ({seen_h}x{seen_w} after {' and '.join(steps)})" if steps else ""
         raise ValueError(
             f"images must be at least {win_size}x{win_size} (the window) for SSIM, got {height}x{width}{after}"
         )
+
+
+def crop_borders(img: torch.Tensor, crop_border: int) -> torch.Tensor:
+    """`img` (..., H, W) without `crop_border` pixels on each side (a view; 0: `img` itself).
+
+    BasicSR's `img[c:-c, c:-c]`: super-resolution evaluations drop a border as wide as the scale factor,
+    where the upscaler has no neighbours to work from.
+
+    Example:
+        >>> crop_borders(torch.arange(16.0).reshape(4, 4), 1)
+        tensor([[ 5.,  6.],
+                [ 9., 10.]])
+    """
+    if crop_border == 0:
+        return img
+    return img[..., crop_border : img.shape[-2] - crop_border, crop_border : img.shape[-1] - crop_border]
 
 
 def gaussian_window_1d(win_size: int, sigma: float, *, gaussian: bool = True) -> torch.Tensor:
