@@ -10,6 +10,10 @@ The rows list real image pairs (the built-in sample set, tiled: 222 pairs repeat
 the k worst pairs are real files the report decodes and maps; their scores are synthetic (drawn from a
 skewed distribution near 1, with 0.2% failure rows), which is enough to time merging and reporting.
 Prints one table; copy it into docs/BENCHMARKS.md with the machine it ran on.
+
+`--pair-side N [--pair-channels 1|3]` instead times the report's work on one worst pair of N x N pixels (a
+real photograph upscaled, against its JPEG at quality 20): re-scoring it and drawing its map, in a fresh
+process, peak memory above the decoded pair and seconds (10000 gray is the issue's 10^8-pixel pair).
 """
 
 from __future__ import annotations
@@ -152,6 +156,70 @@ def phase_report(workdir: Path, worst_k: int) -> Dict[str, float]:
             "rss_before_mib": before["VmRSS"] / 1024, "peak_mib": after["VmHWM"] / 1024}
 
 
+def _big_pair(side: int, channels: int):
+    """A decoded pair of side x side pixels: a photograph upscaled (Lanczos) and its JPEG at quality 20."""
+    import io
+
+    import skimage.data
+    import torch
+    from PIL import Image
+
+    from ssim_ray.sources import LoadedPair
+
+    photo = skimage.data.astronaut() if channels == 3 else skimage.data.camera()
+    reference = Image.fromarray(photo).resize((side, side), Image.LANCZOS)
+    buffer = io.BytesIO()
+    reference.save(buffer, format="JPEG", quality=20)
+    del photo
+
+    def tensor(image: Image.Image) -> "torch.Tensor":
+        array = torch.from_numpy(np.asarray(image).copy())
+        return array[None] if array.ndim == 2 else array.permute(2, 0, 1).contiguous()
+
+    ref, dist = tensor(reference), tensor(Image.open(io.BytesIO(buffer.getvalue())))
+    return LoadedPair(pair_id="big", row_index=0, reference="big-ref", distorted="big-dist", ref=ref, dist=dist,
+                      bit_depth=8, data_range=255.0)
+
+
+def phase_pair(side: int, channels: int) -> Dict[str, float]:
+    """One worst pair re-scored and drawn (report.worst._fill_panel), after the pair is decoded."""
+    import gc
+
+    from ssim_ray.config import SSIMConfig
+    from ssim_ray.report import worst
+
+    pair = _big_pair(side, channels)
+    gc.collect()
+    before = _memory_kib()
+    # VmHWM is the process's peak so far: reset it so the peak is this step's (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    started, cpu = time.perf_counter(), time.process_time()
+    panel = worst.WorstPanel({"pair_id": "big"})
+    worst._fill_panel(panel, pair, SSIMConfig())
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    after = _memory_kib()
+    return {"seconds": seconds, "cpu_seconds": cpu, "pixels": side * side, "channels": channels,
+            "pair_mib": (pair.ref.numel() + pair.dist.numel()) / 2**20, "rss_before_mib": before["VmRSS"] / 1024,
+            "peak_mib": after["VmHWM"] / 1024, "recomputed": panel.recomputed, "images": len(panel.images or [])}
+
+
+def pair_main(side: int, channels: int) -> None:
+    command = [sys.executable, __file__, "--phase", "pair", "--pair-side", str(side), "--pair-channels", str(channels)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    import torch
+
+    print(f"machine: {_machine()}, torch {torch.__version__}")
+    print("| pair | decoded pair MiB | report step s | CPU s | RSS before MiB | peak RSS MiB | above the pair, "
+          "bytes/pixel | recomputed ssim |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    extra = (result["peak_mib"] - result["rss_before_mib"]) * 2**20 / result["pixels"]
+    print(f"| {side}x{side}x{channels} ({result['pixels']:.2e} px) | {result['pair_mib']:.0f} | {result['seconds']:.1f} | "
+          f"{result['cpu_seconds']:.1f} | {result['rss_before_mib']:.0f} | {result['peak_mib']:.0f} | {extra:.1f} | "
+          f"{result['recomputed']:.6f} |")
+
+
 def _in_fresh_process(phase: str, workdir: Path, worst_k: int) -> Dict[str, float]:
     command = [sys.executable, __file__, "--phase", phase, "--workdir", str(workdir), "--worst-k", str(worst_k)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -164,8 +232,16 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=1000)
     parser.add_argument("--worst-k", type=int, default=12)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--phase", choices=("merge", "report"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pair-side", type=int, default=None, help="time one worst pair of this side instead")
+    parser.add_argument("--pair-channels", type=int, choices=(1, 3), default=1)
+    parser.add_argument("--phase", choices=("merge", "report", "pair"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase == "pair":
+        print(json.dumps(phase_pair(args.pair_side, args.pair_channels)))
+        return
+    if args.pair_side:
+        pair_main(args.pair_side, args.pair_channels)
+        return
     if args.phase == "merge":
         print(json.dumps(phase_merge(args.workdir)))
         return

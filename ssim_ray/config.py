@@ -11,18 +11,35 @@ Hydra then refuses to merge YAML or command-line overrides into them. Treat inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from ssim_ray.metric import COMPILE_POLICIES, KERNELS, metric_settings
+from ssim_ray.metric import (
+    COMPILE_POLICIES,
+    COVARIANCES,
+    KERNELS,
+    MS_SSIM_WEIGHTS,
+    metric_settings,
+    ms_ssim_settings,
+    psnr_settings,
+)
 from ssim_ray.secrets import reject_credentials
 
 SOURCE_KINDS = ("sample", "parquet", "prefix")
-COLOR_POLICIES = ("rgb", "gray", "y")
+COLOR_POLICIES = ("rgb", "gray", "y", "y_float")
+# The named conventions of conf/ssim/<name>.yaml (tests/test_presets.py keeps the two lists equal), and
+# `custom` for settings that follow no published code.
+PRESETS = ("wang2004", "matlab_ssim", "basicsr", "skimage_default", "custom")
 ALPHA_POLICIES = ("drop", "error")
 PRECISIONS = ("fp32", "fp64", "amp")
 DOWNSAMPLE_MODES = (None, "wang")
 OUTPUT_MODES = ("resume", "overwrite")
+MULTI_FRAME_POLICIES = ("error", "first")
+EXIF_ORIENTATION_POLICIES = ("error", "ignore", "apply")
+# Decoded bytes a worker may hold ahead of its consumer (batch.prefetch_bytes): 512 MiB is ~5 pairs of
+# 4000x4000 RGB, or every one of 64 pairs of 512x512 RGB, so the pair bound decides for ordinary images.
+DEFAULT_PREFETCH_BYTES = 512 * 2**20
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -31,9 +48,19 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def _is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    # NaN compares false with everything, so a plain `value < 0` test would let it through.
+    if not _is_finite_number(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _in_range(name: str, value: Optional[float], low: float, high: float) -> None:
+    if value is not None and not (_is_finite_number(value) and low <= value <= high):
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass
@@ -49,6 +76,11 @@ class SourceConfig:
     passthrough_columns: manifest columns copied to the results; None: every other column.
     allowed_schemes: URL schemes an absolute path in a manifest may use.
     max_pixels: pixel cap per image (decompression bombs give status `too_large`).
+    multi_frame: files with several frames or pages (APNG, multi-page TIFF, animated WebP, MPO): `error`
+        (status `multi_frame`) or `first` (score frame 0, as Pillow opens it).
+    exif_orientation: `error` (a pair whose two EXIF orientations differ gets `orientation_mismatch`; pairs
+        that agree are compared as stored), `ignore` (stored pixels, tags disregarded) or `apply` (each
+        image turned upright by its own tag).
     copies: `sample` only: how many copies of the sample set to list, for benchmarks.
     """
 
@@ -66,6 +98,8 @@ class SourceConfig:
     storage_options: Dict[str, Any] = field(default_factory=dict)
     allowed_schemes: List[str] = field(default_factory=lambda: ["file", "s3", "gs", "gcs", "az", "abfs"])
     max_pixels: int = 100_000_000
+    multi_frame: str = "error"
+    exif_orientation: str = "error"
     fetch_retries: int = 4
     copies: int = 1
     cache_dir: Optional[str] = None
@@ -74,6 +108,8 @@ class SourceConfig:
         _choice("source.kind", self.kind, SOURCE_KINDS)
         _positive("source.pairs_per_shard", self.pairs_per_shard)
         _positive("source.max_pixels", self.max_pixels)
+        _choice("source.multi_frame", self.multi_frame, MULTI_FRAME_POLICIES)
+        _choice("source.exif_orientation", self.exif_orientation, EXIF_ORIENTATION_POLICIES)
         _positive("source.fetch_retries", self.fetch_retries, allow_zero=True)
         _positive("source.copies", self.copies)
         reject_credentials("source.storage_options", self.storage_options)
@@ -88,19 +124,29 @@ class SourceConfig:
 
 @dataclass
 class SSIMConfig:
-    """The metric (`wang2004`) and how pixels are decoded for it.
+    """The metrics (SSIM, PSNR, MS-SSIM), the convention they follow, and how pixels are decoded for them.
 
+    preset: the named convention these settings come from (conf/ssim/<preset>.yaml: `wang2004`,
+        `matlab_ssim`, `basicsr`, `skimage_default`), or `custom`; written into every summary.
     data_range: `auto` (from the file's bit depth: 255 for 8-bit, 65535 for 16-bit) or a number
         (e.g. 4095 for 12-bit data stored in 16-bit files).
-    color: `rgb` (default), `gray` (ITU-R 601-2 luma, Pillow's `L`), or `y` (BT.601 studio-swing luma,
-        as super-resolution benchmarks use).
+    color: `rgb` (default), `gray` (ITU-R 601-2 luma, Pillow's `L`), `y` (BT.601 studio-swing luma
+        rounded to integers as MATLAB's rgb2ycbcr) or `y_float` (the same luma unrounded in float32, as
+        BasicSR's `test_y_channel` forms it).
     alpha: `drop` the alpha channel of LA/RGBA files, or treat it as an `error`.
+    covariance: `population` (Wang's moments) or `sample` (times N / (N - 1): scikit-image's default).
+    crop_border: pixels removed from each side of both images before every metric (BasicSR's
+        `crop_border`, usually the super-resolution scale). `null` means not given: refused, so a preset
+        that needs it (`basicsr`) sets it to null and the user must give the scale (`???` cannot do that
+        here: merging `???` over the schema's default keeps the default).
+    ms_ssim_weights: MS-SSIM's exponent per scale; their count is the number of scales.
     kernel: `auto` (the torch path, for now), `torch`, or `triton` (the fused CUDA kernel, within 1e-6 of
         the torch path; it refuses what it cannot score, e.g. CPU tensors or fp64). See `ssim()`.
     compile: when the CPU torch kernel is compiled: `auto` (after a few seconds of eager work, or before the
         first shard when an actor's queue pays for it), `always`, `never`. Speed only: the same bits.
     """
 
+    preset: str = "wang2004"
     data_range: Any = "auto"
     color: str = "rgb"
     alpha: str = "drop"
@@ -109,16 +155,18 @@ class SSIMConfig:
     k1: float = 0.01
     k2: float = 0.03
     gaussian: bool = True
+    covariance: str = "population"
     downsample: Optional[str] = None
+    crop_border: Optional[int] = 0
+    ms_ssim_weights: List[float] = field(default_factory=lambda: list(MS_SSIM_WEIGHTS))
     precision: str = "fp32"
     kernel: str = "auto"
     compile: str = "auto"
 
     def __post_init__(self) -> None:
         if self.data_range != "auto":
-            if isinstance(self.data_range, bool) or not isinstance(self.data_range, (int, float)):
-                raise ValueError(f"ssim.data_range must be 'auto' or a positive number, got {self.data_range!r}")
-            _positive("ssim.data_range", self.data_range)
+            if not _is_finite_number(self.data_range) or self.data_range <= 0:
+                raise ValueError(f"ssim.data_range must be 'auto' or a finite number > 0, got {self.data_range!r}")
         _choice("ssim.color", self.color, COLOR_POLICIES)
         _choice("ssim.alpha", self.alpha, ALPHA_POLICIES)
         _choice("ssim.downsample", self.downsample, DOWNSAMPLE_MODES)
@@ -128,6 +176,25 @@ class SSIMConfig:
         if self.win_size < 1 or self.win_size % 2 == 0:
             raise ValueError(f"ssim.win_size must be a positive odd integer, got {self.win_size!r}")
         _positive("ssim.sigma", self.sigma)
+        # k = 0 drops the constant that keeps SSIM defined on flat regions (0/0); the metric refuses it
+        # per batch, so without this check every shard would fail after the run was recorded.
+        _positive("ssim.k1", self.k1)
+        _positive("ssim.k2", self.k2)
+        _choice("ssim.preset", self.preset, PRESETS)
+        _choice("ssim.covariance", self.covariance, COVARIANCES)
+        if self.covariance == "sample" and self.win_size == 1:
+            raise ValueError("ssim.covariance=sample needs ssim.win_size >= 3 (N / (N - 1) with N = 1), got 1")
+        if self.crop_border is None:
+            raise ValueError(f"ssim.crop_border is required by ssim.preset={self.preset}: give the pixels to remove "
+                             "from each side, usually the super-resolution scale (e.g. ssim.crop_border=4; 0 keeps "
+                             "the whole image)")
+        if isinstance(self.crop_border, bool) or not isinstance(self.crop_border, int):
+            raise ValueError(f"ssim.crop_border must be an integer >= 0, got {self.crop_border!r}")
+        _positive("ssim.crop_border", self.crop_border, allow_zero=True)
+        if not self.ms_ssim_weights:
+            raise ValueError("ssim.ms_ssim_weights must hold one weight per scale, got an empty list")
+        for i, weight in enumerate(self.ms_ssim_weights):
+            _positive(f"ssim.ms_ssim_weights[{i}]", weight)
 
     def ssim_options(self) -> Dict[str, Any]:
         """The keyword arguments of `ssim()` this config sets: the one mapping from config to the metric.
@@ -137,66 +204,114 @@ class SSIMConfig:
         override a key explicitly.
 
         Example:
-            >>> sorted(SSIMConfig().ssim_options())[:3]
-            ['compile', 'downsample', 'gaussian']
+            >>> sorted(SSIMConfig().ssim_options())[:4]
+            ['compile', 'covariance', 'crop_border', 'downsample']
         """
         return {"win_size": self.win_size, "sigma": self.sigma, "k1": self.k1, "k2": self.k2,
                 "gaussian": self.gaussian, "downsample": self.downsample, "precision": self.precision,
+                "covariance": self.covariance, "crop_border": self.crop_border,
                 "kernel": self.kernel, "compile": self.compile}
+
+    def psnr_options(self) -> Dict[str, Any]:
+        """The keyword arguments of `psnr()` (and `mse()`) this config sets; `data_range` is per batch.
+
+        Example:
+            >>> SSIMConfig(crop_border=4).psnr_options()
+            {'precision': 'fp32', 'crop_border': 4}
+        """
+        return {"precision": self.precision, "crop_border": self.crop_border}
+
+    def ms_ssim_options(self) -> Dict[str, Any]:
+        """The keyword arguments of `ms_ssim()` this config sets; `data_range` is per batch.
+
+        MS-SSIM is `msssim.m`'s: a Gaussian window and population moments always; `gaussian`,
+        `covariance` and `downsample` are SSIM's alone, and the torch path scores it whatever `kernel` says.
+
+        Example:
+            >>> SSIMConfig().ms_ssim_options()["weights"]
+            [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+        """
+        return {"weights": list(self.ms_ssim_weights), "win_size": self.win_size, "sigma": self.sigma,
+                "k1": self.k1, "k2": self.k2, "precision": self.precision, "crop_border": self.crop_border,
+                "compile": self.compile}
 
     def describe(self) -> Dict[str, Any]:
         """Every setting that changes a score: the metric block of both `_run.json` and `summary.json`.
 
-        The metric's own definition (`metric_settings`: name, window, constants, moments, region, reduction,
-        downsampling, precision) plus what the job decides before the metric sees a pixel: the colour
-        mode, the alpha policy, the data range and its rule, and the kernel (torch and Triton agree to
-        1e-6, not bit for bit). The compile policy is not here: compiled and eager kernels give the same
-        bits, so it is a run fact (`summary.json` "runtime"), and a resume may change it.
+        The named convention (`preset`), SSIM's own definition (`metric_settings`: name, window, constants,
+        moments, border crop, region, reduction, downsampling, precision), PSNR's and MS-SSIM's (blocks
+        "psnr" and "ms_ssim"), plus what the job decides before a metric sees a pixel: the colour mode, the
+        alpha policy, the data range and its rule, and the kernel (torch and Triton agree to 1e-6, not bit
+        for bit). The compile policy is not here: compiled and eager kernels give the same bits, so it is
+        a run fact (`summary.json` "runtime"), and a resume may change it.
 
         Example:
             >>> d = SSIMConfig(color="y", data_range=4095).describe()
-            >>> d["name"], d["color"], d["data_range"], d["data_range_rule"], d["kernel"]
-            ('wang2004', 'y', 4095.0, 'fixed by ssim.data_range', 'auto')
+            >>> d["preset"], d["name"], d["color"], d["data_range"], d["data_range_rule"], d["kernel"]
+            ('wang2004', 'wang2004', 'y', 4095.0, 'fixed by ssim.data_range', 'auto')
         """
         options = self.ssim_options()
         kernel = options.pop("kernel")
         del options["compile"]
         settings = metric_settings(**options, data_range=self.data_range)
+        ms_ssim_options = self.ms_ssim_options()
+        del ms_ssim_options["compile"]
         rule = ("from each file's bit depth: 255 for 8-bit, 65535 for 16-bit" if self.data_range == "auto"
                 else "fixed by ssim.data_range")
-        return {**settings, "data_range_rule": rule, "color": self.color, "alpha": self.alpha, "kernel": kernel}
+        return {"preset": self.preset, **settings, "data_range_rule": rule, "color": self.color,
+                "alpha": self.alpha, "kernel": kernel, "ms_ssim_weights": list(self.ms_ssim_weights),
+                "psnr": psnr_settings(**self.psnr_options(), data_range=self.data_range),
+                "ms_ssim": ms_ssim_settings(**ms_ssim_options, data_range=self.data_range)}
 
 
 @dataclass
 class BatchConfig:
-    """Batch size per shape bucket: `auto` (memory probe in each actor) or a fixed integer."""
+    """Batch size per shape bucket: `auto` (memory probe in each actor) or a fixed integer.
+
+    prefetch_pairs and prefetch_bytes bound what an actor loads ahead of its computation: pairs, and the
+    decoded bytes of those pairs (one pair always proceeds, even alone over the byte bound).
+    """
 
     size: Any = "auto"
     memory_fraction: float = 0.5
     max_size: int = 512
     prefetch_pairs: int = 64
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
 
     def __post_init__(self) -> None:
         if self.size != "auto" and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
             raise ValueError(f"batch.size must be 'auto' or a positive integer, got {self.size!r}")
-        if not 0 < self.memory_fraction <= 1:
+        if not (_is_finite_number(self.memory_fraction) and 0 < self.memory_fraction <= 1):
             raise ValueError(f"batch.memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         _positive("batch.max_size", self.max_size)
         _positive("batch.prefetch_pairs", self.prefetch_pairs)
+        _positive("batch.prefetch_bytes", self.prefetch_bytes)
 
 
 @dataclass
 class OutputConfig:
-    """Where results go. url: any fsspec URL; mode: `resume` keeps committed shards, `overwrite` starts over."""
+    """Where results go. url: any fsspec URL; mode: `resume` keeps committed shards, `overwrite` starts over.
+
+    claim_ttl_s: the lease of the output's claim (one run at a time per output): a claim whose heartbeat is
+        older than this is taken over (heartbeats come every claim_ttl_s / 4). Keep it well above the clock
+        skew between the machines that may write the output.
+    verify_inputs: on resume, actors look up every input of every committed shard (one stat or HEAD per
+        image, no fetch, no decode) and recompute the shards whose inputs changed since they were scored;
+        false reuses committed shards unchecked.
+    """
 
     url: Optional[str] = None
     mode: str = "resume"
     merge_only: bool = False
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    claim_ttl_s: float = 120.0
+    verify_inputs: bool = True
 
     def __post_init__(self) -> None:
         _choice("output.mode", self.mode, OUTPUT_MODES)
         reject_credentials("output.storage_options", self.storage_options)
+        if isinstance(self.claim_ttl_s, bool) or not self.claim_ttl_s > 0 or self.claim_ttl_s == float("inf"):
+            raise ValueError(f"output.claim_ttl_s must be a finite number > 0, got {self.claim_ttl_s!r}")
 
 
 @dataclass
@@ -229,6 +344,9 @@ class RuntimeConfig:
         _positive("runtime.max_shard_attempts", self.max_shard_attempts)
         _positive("runtime.progress_interval_s", self.progress_interval_s)
         _positive("runtime.stall_timeout_s", self.stall_timeout_s)
+        if self.device == "cuda" and self.gpus_per_worker <= 0:
+            raise ValueError(f"runtime.device=cuda needs runtime.gpus_per_worker > 0 (Ray gives a GPU only to actors "
+                             f"that ask for one), got {self.gpus_per_worker!r}")
 
 
 @dataclass
@@ -257,7 +375,8 @@ class AuditConfig:
 
     Semantics (ssim_ray/gates.py): the fraction of ok pairs with ssim strictly below min_ssim must not exceed
     max_fraction_below (unset: 0, i.e. no ok pair may be below); the group_ variants apply to each value of
-    summary.group_by; max_failures bounds the rows whose status is not ok.
+    summary.group_by; max_failures bounds the rows whose status is not ok. An audit with no ok pair (an empty
+    manifest, or every pair failed) fails with the failure gate's code unless allow_no_ok_pairs is true.
     """
 
     min_ssim: Optional[float] = None
@@ -265,16 +384,14 @@ class AuditConfig:
     group_min_ssim: Optional[float] = None
     group_max_fraction_below: Optional[float] = None
     max_failures: Optional[int] = None
+    allow_no_ok_pairs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("min_ssim", "group_min_ssim"):
-            value = getattr(self, name)
-            if value is not None and not -1 <= value <= 1:
-                raise ValueError(f"audit.{name} must be in [-1, 1], got {value!r}")
+            _in_range(f"audit.{name}", getattr(self, name), -1.0, 1.0)
         for name, threshold in (("max_fraction_below", "min_ssim"), ("group_max_fraction_below", "group_min_ssim")):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= 1:
-                raise ValueError(f"audit.{name} must be in [0, 1], got {value!r}")
+            _in_range(f"audit.{name}", value, 0.0, 1.0)
             if value is not None and getattr(self, threshold) is None:
                 raise ValueError(f"audit.{name} needs audit.{threshold}, got audit.{threshold}=None")
         if self.max_failures is not None:
@@ -295,6 +412,9 @@ class ReportConfig:
 
 @dataclass
 class AuditJobConfig:
+    """The whole audit. Each section validates its own values; `__post_init__` adds the checks that span
+    sections (`validate` runs all of them again, for a config changed after it was built)."""
+
     source: SourceConfig = field(default_factory=SourceConfig)
     ssim: SSIMConfig = field(default_factory=SSIMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -303,6 +423,34 @@ class AuditJobConfig:
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        # Without a group column the group gate has nothing to test; found by the gates, it used to fail
+        # the job after every shard was computed and merged.
+        if (self.audit.group_min_ssim is not None or self.audit.group_max_fraction_below is not None) \
+                and not self.summary.group_by:
+            raise ValueError("audit.group_min_ssim needs summary.group_by to name a column, got "
+                             f"summary.group_by={self.summary.group_by!r}")
+
+    def validate(self) -> None:
+        """Run every section's checks and the cross-section ones again (fields may be set after building).
+
+        Raises:
+            ValueError: naming the first setting that cannot work and the value it got.
+
+        Example:
+            >>> cfg = AuditJobConfig()
+            >>> cfg.ssim.k1 = float("nan")
+            >>> cfg.validate()
+            Traceback (most recent call last):
+            ...
+            ValueError: ssim.k1 must be a finite number > 0, got nan
+        """
+        for section in fields(self):
+            check = getattr(getattr(self, section.name), "__post_init__", None)
+            if check is not None:
+                check()
+        self.__post_init__()
 
 
 SCHEMA_NAME = "ssim_audit_schema"

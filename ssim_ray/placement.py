@@ -3,6 +3,10 @@
 One actor per GPU (or per `runtime.gpus_per_worker`); on CPU-only clusters, unless `runtime.num_workers`
 is set, `cpu_actors` per node, spread over the nodes. Each actor runs `cpus_per_worker` torch threads and
 `runtime.decode_threads` decode threads.
+
+Never more actors than the alive nodes can hold: an actor Ray cannot place waits forever for resources,
+so the count is reduced to what fits node by node (`actors_that_fit`), with a `PlacementWarning` naming
+the reduction, and a placement where not one actor fits is refused (`PlacementError`) before any work.
 """
 
 from __future__ import annotations
@@ -10,11 +14,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Dict, List, Optional
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import ray
 
 from ssim_ray.config import AuditJobConfig
+
+
+# Tolerance when dividing a node's resources by an actor's: 0.1 CPU ten times must fit in 1 CPU.
+_FIT_EPSILON = 1e-9
+_RESOURCE_UNITS = (("CPU", "num_cpus"), ("GPU", "num_gpus"))
+
+
+class PlacementWarning(UserWarning):
+    """Fewer actors than asked for: the alive nodes cannot place more."""
+
+
+class PlacementError(RuntimeError):
+    """Not one actor fits on any alive node: refused before any work."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +65,12 @@ def plan_placement(cfg: AuditJobConfig) -> Placement:
     """Device, actor count and resources: one actor per GPU (or `gpus_per_worker`), else CPU actors.
 
     CPU actors, unless `runtime.num_workers` is set: `cpu_actors` per node, spread over the nodes. Each runs
-    `cpus_per_worker` torch threads and `decode_threads` decode threads.
+    `cpus_per_worker` torch threads and `decode_threads` decode threads. The count is then reduced to what
+    the alive nodes can place (`fit_to_cluster`).
+
+    Raises:
+        RuntimeError: `runtime.device=cuda` on a cluster without GPUs.
+        PlacementError: no alive node can place a single actor.
     """
     runtime = cfg.runtime
     torch_threads = max(1, int(runtime.cpus_per_worker))
@@ -55,20 +78,111 @@ def plan_placement(cfg: AuditJobConfig) -> Placement:
     device = runtime.device
     if device == "auto":
         device = "cuda" if gpus > 0 and runtime.gpus_per_worker > 0 else "cpu"
+    nodes = alive_node_resources()
     if device == "cuda":
         if gpus <= 0:
             raise RuntimeError("runtime.device=cuda, but the Ray cluster reports no GPU")
-        num_workers = runtime.num_workers or max(1, int(gpus // runtime.gpus_per_worker))
+        requested = runtime.num_workers or max(1, int(gpus // runtime.gpus_per_worker))
         options = {"num_gpus": runtime.gpus_per_worker, "num_cpus": runtime.cpus_per_worker}
+        num_workers = fit_to_cluster(requested, options, nodes, asked=_asked(runtime.num_workers, "one per GPU"))
         share = min(1.0, runtime.gpus_per_worker)
     else:
-        node_cpus = [node["Resources"]["CPU"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU")]
-        num_workers = runtime.num_workers or cpu_actors(node_cpus, torch_threads=torch_threads,
-                                                        decode_threads=runtime.decode_threads)
+        node_cpus = [node["CPU"] for node in nodes if node.get("CPU")]
+        requested = runtime.num_workers or cpu_actors(node_cpus, torch_threads=torch_threads,
+                                                      decode_threads=runtime.decode_threads)
         # Spread over the nodes: Ray's default packs actors onto one node until half its CPUs are taken.
         options = {"num_cpus": runtime.cpus_per_worker, "scheduling_strategy": "SPREAD"}
+        asked = _asked(runtime.num_workers, f"one per {torch_threads + runtime.decode_threads} CPUs of each node")
+        num_workers = fit_to_cluster(requested, options, nodes, asked=asked)
         share = 1.0 / max(1, math.ceil(num_workers / max(1, len(node_cpus))))
     return Placement(device, num_workers, options, torch_threads, share)
+
+
+def alive_node_resources() -> List[Dict[str, float]]:
+    """Each alive node's total resources (CPU, GPU, ...), from `ray.nodes()`; dead nodes left out."""
+    return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def _asked(num_workers: Optional[int], default_rule: str) -> str:
+    if num_workers:
+        return f"runtime.num_workers={num_workers}"
+    return f"the default ({default_rule}, runtime.num_workers=null)"
+
+
+def _per_actor(options: Mapping[str, Any]) -> Dict[str, float]:
+    return {resource: float(options[key]) for resource, key in _RESOURCE_UNITS if options.get(key)}
+
+
+def _describe(per_actor: Mapping[str, float]) -> str:
+    return " + ".join(f"{amount:g} {resource}" for resource, amount in per_actor.items()) or "no resources"
+
+
+def actors_that_fit(per_actor: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> List[int]:
+    """How many actors needing `per_actor` resources each alive node can hold (an actor never spans nodes).
+
+    Args:
+        per_actor: resources of one actor, e.g. {"CPU": 1.0, "GPU": 0.5}.
+        nodes: each node's total resources (`alive_node_resources()`).
+
+    Returns:
+        Actors per node, in node order.
+
+    Example:
+        >>> actors_that_fit({"CPU": 2.0}, [{"CPU": 3.0}, {"CPU": 1.0}])
+        [1, 0]
+        >>> actors_that_fit({"CPU": 1.0, "GPU": 0.5}, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 2.0}])
+        [2, 1]
+    """
+    counts = []
+    for node in nodes:
+        fits = [math.floor(node.get(resource, 0.0) / amount + _FIT_EPSILON) for resource, amount in per_actor.items()]
+        counts.append(max(0, min(fits)) if fits else 0)
+    return counts
+
+
+def fit_to_cluster(requested: int, options: Mapping[str, Any], nodes: Sequence[Mapping[str, float]], *,
+                   asked: str) -> int:
+    """The number of actors to start: `requested`, or as many as the alive nodes can place if fewer.
+
+    An actor Ray cannot place waits for resources forever; shards handed to it would never finish. So the
+    count is reduced here, with a PlacementWarning naming the reduction.
+
+    Args:
+        requested: actors asked for.
+        options: the actor's Ray options (`num_cpus`, `num_gpus`).
+        nodes: each alive node's total resources.
+        asked: who asked, for the messages (e.g. "runtime.num_workers=3").
+
+    Returns:
+        min(requested, actors that fit), at least 1.
+
+    Raises:
+        PlacementError: not one actor fits on any alive node.
+
+    Example:
+        >>> fit_to_cluster(2, {"num_cpus": 1.0}, [{"CPU": 4.0}], asked="runtime.num_workers=2")
+        2
+    """
+    per_actor = _per_actor(options)
+    counts = actors_that_fit(per_actor, nodes)
+    capacity = sum(counts)
+    offered = ", ".join(f"{node.get(resource, 0.0):g}" for node in nodes for resource in per_actor
+                        if resource == "CPU") or "none"
+    gpus = [f"{node.get('GPU', 0.0):g}" for node in nodes]
+    offer = f"alive nodes have {offered} CPU" + (f" and {', '.join(gpus)} GPU" if "GPU" in per_actor else "")
+    if capacity == 0:
+        raise PlacementError(
+            f"{asked}: no alive node can place one actor of {_describe(per_actor)} ({offer}); lower "
+            "runtime.cpus_per_worker / runtime.gpus_per_worker or add a larger node"
+        )
+    if requested <= capacity:
+        return requested
+    warnings.warn(
+        f"{asked} asks for {requested} actors of {_describe(per_actor)}; {offer} (actors per node: "
+        f"{', '.join(map(str, counts))}), so the cluster can place {capacity}: using {capacity}",
+        PlacementWarning, stacklevel=3,
+    )
+    return capacity
 
 
 def cpu_actors(node_cpus: List[float], *, torch_threads: int, decode_threads: int) -> int:

@@ -11,6 +11,10 @@ from typing import Dict
 
 OK = "ok"
 MISSING = "missing"
+FORBIDDEN = "forbidden"
+INVALID_PATH = "invalid_path"
+UNSUPPORTED_SCHEME = "unsupported_scheme"
+FETCH_ERROR = "fetch_error"
 UNREADABLE = "unreadable"
 SIZE_MISMATCH = "size_mismatch"
 CHANNEL_MISMATCH = "channel_mismatch"
@@ -21,6 +25,8 @@ PATH_ESCAPE = "path_escape"
 UNPAIRED = "unpaired"
 HAS_ALPHA = "has_alpha"
 UNSUPPORTED = "unsupported"
+MULTI_FRAME = "multi_frame"
+ORIENTATION_MISMATCH = "orientation_mismatch"
 COMPUTE_ERROR = "compute_error"
 WORKER_FAILED = "worker_failed"
 
@@ -28,7 +34,11 @@ WORKER_FAILED = "worker_failed"
 DESCRIPTIONS: Dict[str, str] = {
     OK: "scored",
     MISSING: "an image does not exist",
-    UNREADABLE: "an image cannot be fetched or decoded (empty, truncated, not an image)",
+    FORBIDDEN: "the store refused access to an image (permission denied, HTTP 401/403)",
+    INVALID_PATH: "a manifest path cannot name a file (a NUL byte, a name too long for the filesystem)",
+    UNSUPPORTED_SCHEME: "no filesystem for the URL's scheme is installed (e.g. gs:// without gcsfs)",
+    FETCH_ERROR: "fetching an image failed for another reason (the error names it); outages fail the shard instead",
+    UNREADABLE: "an image cannot be read or decoded (a folder, empty, truncated, not an image)",
     SIZE_MISMATCH: "the two images differ in height or width",
     CHANNEL_MISMATCH: "the two images differ in channel count",
     DEPTH_MISMATCH: "one image is 8-bit, the other 16-bit (their data ranges differ)",
@@ -38,13 +48,16 @@ DESCRIPTIONS: Dict[str, str] = {
     UNPAIRED: "a prefix key exists on one side only",
     HAS_ALPHA: "an image has an alpha channel and ssim.alpha=error",
     UNSUPPORTED: "a pixel format that cannot be decoded exactly (CMYK, float)",
+    MULTI_FRAME: "an image has several frames or pages and source.multi_frame=error",
+    ORIENTATION_MISMATCH: "the two images' EXIF orientations differ and source.exif_orientation=error",
     COMPUTE_ERROR: "the metric raised for this pair alone",
     WORKER_FAILED: "its shard failed on every attempt",
 }
 
 # Statuses a source gives while loading pairs (ok included).
-SOURCE_STATUSES = (OK, MISSING, UNREADABLE, SIZE_MISMATCH, CHANNEL_MISMATCH, DEPTH_MISMATCH, TOO_SMALL,
-                   TOO_LARGE, PATH_ESCAPE, UNPAIRED, HAS_ALPHA, UNSUPPORTED)
+SOURCE_STATUSES = (OK, MISSING, FORBIDDEN, INVALID_PATH, UNSUPPORTED_SCHEME, FETCH_ERROR, UNREADABLE, SIZE_MISMATCH,
+                   CHANNEL_MISMATCH, DEPTH_MISMATCH, TOO_SMALL, TOO_LARGE, PATH_ESCAPE, UNPAIRED, HAS_ALPHA, UNSUPPORTED,
+                   MULTI_FRAME, ORIENTATION_MISMATCH)
 ALL_STATUSES = tuple(DESCRIPTIONS)
 FAILURE_STATUSES = tuple(s for s in ALL_STATUSES if s != OK)
 

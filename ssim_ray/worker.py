@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -21,6 +21,8 @@ from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memor
 from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
 from ssim_ray.metric import kernel_in_use, mean_over_channels, ssim
 from ssim_ray.output.commit import write_shard_rows
+from ssim_ray.output.inputs import InputCheck, check_inputs
+from ssim_ray.output.stamps import CommitStamp
 from ssim_ray.output.schema import result_row
 from ssim_ray.process_setup import configure_actor_process, peak_rss_bytes
 
@@ -54,6 +56,7 @@ class WorkerSpec:
     decode_threads: int
     memory_share: float
     expected_pairs: int = 0  # pairs this actor is likely to score (the job's pairs / actors); 0: unknown
+    stamp: Optional[CommitStamp] = None  # recorded in every marker: plan fingerprint, metric digest, run id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,8 @@ def _result_row(pair: sources.LoadedPair, shard_id: str) -> dict:
     return result_row(
         pair_id=pair.pair_id, reference=pair.reference, distorted=pair.distorted, status=pair.status,
         shard_id=shard_id, passthrough=pair.passthrough, error=pair.error, data_range=pair.data_range,
-        bit_depth=pair.bit_depth, decoder=pair.decoder,
+        bit_depth=pair.bit_depth, decoder=pair.decoder, reference_version=pair.reference_version,
+        distorted_version=pair.distorted_version,
     )
 
 
@@ -130,7 +134,7 @@ class ShardComputer:
         """Which kernel scores on this actor's device: 'torch-compiled', 'torch-eager' or 'triton'."""
         cfg = self.spec.ssim
         return kernel_in_use(self.device, kernel=cfg.kernel, compile=self.compile_policy, precision=cfg.precision,
-                             win_size=cfg.win_size, sigma=cfg.sigma, gaussian=cfg.gaussian)
+                             win_size=cfg.win_size, sigma=cfg.sigma, gaussian=cfg.gaussian, covariance=cfg.covariance)
 
     def _compute_batch(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
         try:
@@ -180,7 +184,7 @@ class ShardComputer:
         self.compile_policy = "always"
         # One small pair compiles the kernel for every image size (its tiles have a fixed shape); doing it
         # here keeps the compiler's own allocations out of the memory probe's measurement.
-        side = cfg.win_size + 16
+        side = cfg.win_size + 16 + 2 * cfg.crop_border  # the border is cropped before the window sees it
         ramp = torch.arange(side * side, dtype=torch.float64).reshape(1, 1, side, side) % 251
         ssim(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), **{**cfg.ssim_options(), "compile": self.compile_policy})
         return True
@@ -204,7 +208,8 @@ class ShardComputer:
         rows: Dict[int, dict] = {}
         buckets: Dict[BucketKey, List[sources.LoadedPair]] = defaultdict(list)
         pairs = sources.iter_shard_pairs(
-            shard, spec.source, spec.ssim, threads=spec.decode_threads, prefetch=spec.batch.prefetch_pairs
+            shard, spec.source, spec.ssim, threads=spec.decode_threads, prefetch=spec.batch.prefetch_pairs,
+            prefetch_bytes=spec.batch.prefetch_bytes,
         )
         for pair in pairs:
             rows[pair.row_index] = _result_row(pair, shard.shard_id)
@@ -230,6 +235,7 @@ class ShardComputer:
         write_shard_rows(
             self.spec.output_url, shard.shard_id, rows, passthrough_columns=passthrough_columns,
             summary_cfg=self.spec.summary, storage_options=self.spec.output_storage_options,
+            stamp=self.spec.stamp,
         )
         counts: Dict[str, int] = defaultdict(int)
         for row in rows:
@@ -268,4 +274,11 @@ class ShardWorker:
 
     def ping(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
+
+    def verify_inputs(self, shard: sources.Shard, recorded_sha256: str) -> InputCheck:
+        """Whether a committed shard's inputs changed since it was scored: a stat or HEAD per input, no decode."""
+        spec = self.computer.spec
+        versions = sources.current_versions(shard, spec.source, threads=spec.decode_threads)
+        return check_inputs(spec.output_url, shard.shard_id, recorded_sha256, versions,
+                            storage_options=spec.output_storage_options)
 

@@ -131,8 +131,33 @@ def test_no_ok_pair_violates_the_quality_gate():
     (dict(min_ssim=0.5, max_fraction_below=2.0), r"audit.max_fraction_below must be in \[0, 1\], got 2.0"),
     (dict(max_fraction_below=0.1), "audit.max_fraction_below needs audit.min_ssim"),
     (dict(group_max_fraction_below=0.1), "audit.group_max_fraction_below needs audit.group_min_ssim"),
-    (dict(max_failures=-1), "audit.max_failures must be >= 0, got -1"),
+    (dict(max_failures=-1), "audit.max_failures must be a finite number >= 0, got -1"),
 ])
 def test_audit_config_is_validated(options, message):
     with pytest.raises(ValueError, match=message):
         AuditConfig(**options)
+
+
+# ------------------------------------------------------------------------------------------------------
+# No ok pair at all (issue 12): an audit that measured nothing does not pass silently
+# ------------------------------------------------------------------------------------------------------
+
+def test_an_audit_with_no_ok_pair_fails_with_the_failure_code_even_without_gates():
+    summary = {"complete": True, "pairs": {"merged": 4, "ok": 0, "failures": 4}, "below": []}
+    violations = evaluate_gates(summary, AuditConfig())
+    assert [v.gate for v in violations] == ["no_ok_pairs"]
+    assert exit_code(violations) == EXIT_FAILURE_GATE
+    assert "no pair is ok (4 pairs, all failed)" in violations[0].message
+    assert "audit.allow_no_ok_pairs=true" in violations[0].message  # says how to opt out
+
+
+def test_an_empty_audit_fails_too_and_the_opt_out_passes_both(tmp_path):
+    out = str(tmp_path / "empty")
+    info = RunInfo(metric={"name": "wang2004"}, plan_fingerprint="f", total_pairs=0)
+    summary = merge(out, plan_shard_ids=[], run_info=info, summary_cfg=SummaryConfig(), audit_cfg=AuditConfig())
+    violations = evaluate_gates(summary, AuditConfig())
+    assert exit_code(violations) == EXIT_FAILURE_GATE
+    assert "no pair is ok (the plan has no pair)" in violations[0].message
+    assert evaluate_gates(summary, AuditConfig(allow_no_ok_pairs=True)) == []
+    all_failed = {"complete": True, "pairs": {"merged": 4, "ok": 0, "failures": 4}, "below": []}
+    assert evaluate_gates(all_failed, AuditConfig(allow_no_ok_pairs=True)) == []

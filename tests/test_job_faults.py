@@ -38,10 +38,37 @@ def _when_committed(out, count: int, action, timeout: float = 120.0) -> threadin
     return thread
 
 
+def _when_busy(actors: int, action, timeout: float = 120.0) -> threading.Thread:
+    """Run `action` in a thread once `actors` actor processes are running a shard at the same time."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while len(_running_shard_pids()) < actors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        action()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def _running_shard_pids() -> list:
-    # Ray names an actor's process after the method it is executing.
+    # Ray names an actor's process after the method it is executing. Only this test's actors count: their
+    # parent is a raylet of this cluster (other Ray sessions may run on the machine), which also leaves out
+    # the processes an actor forks (torch.compile's workers inherit its name).
+    raylets = [node["RayletSocketName"] for node in ray.nodes() if node.get("RayletSocketName")]
     found = subprocess.run(["pgrep", "-f", "ray::ShardWorker.run_shard"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
+    return sorted(int(pid) for pid in found.stdout.split() if any(s in _parent_cmdline(int(pid)) for s in raylets))
+
+
+def _parent_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{parent}/cmdline") as cmdline:
+            return cmdline.read().replace("\0", " ")
+    except (OSError, ValueError, IndexError):
+        return ""
 
 
 def _kill_a_busy_actor(killed: list) -> None:
@@ -100,7 +127,9 @@ def test_node_removed_mid_run_and_job_completes_on_the_other(cluster, dataset, t
     out = tmp_path / "out"
     cfg = job_config(dataset.manifest, out, pairs_per_shard=12, address=cluster.address)
     cfg.ssim.precision = "fp64"
-    watcher = _when_committed(out, 1, lambda: cluster.remove_node(first))
+    # Once both actors run a shard: an actor that Ray had not started yet when its node went would have no
+    # shard to lose (its queued shard goes to the other actor uncounted), and the test wants a lost one.
+    watcher = _when_busy(2, lambda: cluster.remove_node(first))
     outcome = evaluate(cfg, output_url=str(out))
     watcher.join()
     summary = _assert_exactly_once(out, dataset)

@@ -4,6 +4,7 @@
 - sources never import the output, the report or the job;
 - the output never imports the job or the report;
 - the report never imports the job;
+- the comparison of two audits never imports the job, and nothing else of the package imports it;
 - no import cycle anywhere in the package;
 - only the job's process set-up writes os.environ.
 """
@@ -96,6 +97,13 @@ def test_output_never_imports_the_job_or_the_report():
 
 def test_report_never_imports_the_job():
     assert _violations("ssim_ray.report", lambda t: t in JOB_MODULES) == []
+
+
+def test_compare_never_imports_the_job_and_nothing_imports_compare():
+    assert _violations("ssim_ray.compare", lambda t: t in JOB_MODULES) == []
+    users = sorted((m, t) for m, targets in GRAPH.items() if not _in(m, "ssim_ray.compare")
+                   for t in targets if _in(t, "ssim_ray.compare"))
+    assert users == []
 
 
 def _cycle() -> list:

@@ -10,6 +10,8 @@ from ssim_ray.config import AuditJobConfig
 
 def _cluster(monkeypatch, *node_cpus: float, gpus: float = 0.0) -> None:
     nodes = [{"Alive": True, "Resources": {"CPU": cpus}} for cpus in node_cpus]
+    if gpus:
+        nodes[0]["Resources"]["GPU"] = gpus
     nodes.append({"Alive": False, "Resources": {"CPU": 64.0}})  # a dead node offers nothing
     nodes.append({"Alive": True, "Resources": {"memory": 1.0}})  # a head started with num_cpus=0
     monkeypatch.setattr(placing.ray, "nodes", lambda: nodes)
@@ -41,3 +43,70 @@ def test_gpu_placement_is_one_actor_per_gpu(monkeypatch):
     placement = placing.plan_placement(AuditJobConfig())
     assert (placement.device, placement.num_workers, placement.memory_share) == ("cuda", 2, 1.0)
     assert placement.actor_options == {"num_gpus": 1.0, "num_cpus": 1.0}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Actors sized to what the cluster can place (issue 12, point 6)
+# ------------------------------------------------------------------------------------------------------
+
+def _nodes(monkeypatch, *resources: dict) -> None:
+    nodes = [{"Alive": True, "Resources": dict(r)} for r in resources]
+    nodes.append({"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}})  # a dead node offers nothing
+    totals: dict = {}
+    for r in resources:
+        for key, value in r.items():
+            totals[key] = totals.get(key, 0.0) + value
+    monkeypatch.setattr(placing.ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(placing.ray, "cluster_resources", lambda: totals)
+
+
+def test_more_workers_than_the_cluster_can_place_are_reduced_with_a_warning(monkeypatch):
+    """Point 6: num_workers=3 on a 2-CPU machine left one actor unplaceable and the run hung at 16/24."""
+    _cluster(monkeypatch, 2.0)
+    cfg = AuditJobConfig()
+    cfg.runtime.num_workers = 3
+    with pytest.warns(placing.PlacementWarning) as caught:
+        placement = placing.plan_placement(cfg)
+    assert placement.num_workers == 2
+    assert placement.memory_share == pytest.approx(0.5)  # the share follows the actors really started
+    message = str(caught[0].message)
+    assert "runtime.num_workers=3 asks for 3 actors of 1 CPU" in message
+    assert "the cluster can place 2: using 2" in message
+
+
+def test_spread_cpu_actors_count_what_fits_on_each_node_not_the_cluster_total(monkeypatch):
+    _nodes(monkeypatch, {"CPU": 3.0}, {"CPU": 1.0})  # 4 CPUs in all, but an actor of 2 fits on one node only
+    cfg = AuditJobConfig()
+    cfg.runtime.num_workers, cfg.runtime.cpus_per_worker = 2, 2.0
+    with pytest.warns(placing.PlacementWarning, match=r"can place 1: using 1"):
+        assert placing.plan_placement(cfg).num_workers == 1
+
+
+def test_gpu_actors_fit_per_node_by_gpus_and_cpus(monkeypatch):
+    # Two nodes of 1 GPU: 0.6 GPU per actor fits once per node (2), not 2 / 0.6 = 3 times.
+    _nodes(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})
+    cfg = AuditJobConfig()
+    cfg.runtime.gpus_per_worker = 0.6
+    with pytest.warns(placing.PlacementWarning, match=r"asks for 3 actors of 1 CPU \+ 0.6 GPU.*using 2"):
+        assert placing.plan_placement(cfg).num_workers == 2
+    # Half a GPU each would fit twice on a node's GPU, but the node has one CPU for them.
+    _nodes(monkeypatch, {"CPU": 1.0, "GPU": 1.0})
+    cfg.runtime.gpus_per_worker, cfg.runtime.num_workers = 0.5, None
+    with pytest.warns(placing.PlacementWarning, match="using 1"):
+        assert placing.plan_placement(cfg).num_workers == 1
+
+
+def test_an_actor_no_node_can_place_fails_before_any_work(monkeypatch):
+    _nodes(monkeypatch, {"CPU": 2.0}, {"CPU": 2.0})
+    cfg = AuditJobConfig()
+    cfg.runtime.cpus_per_worker = 4.0
+    with pytest.raises(placing.PlacementError, match=r"no alive node can place one actor of 4 CPU.*2, 2 CPU"):
+        placing.plan_placement(cfg)
+
+
+def test_a_placement_that_fits_says_nothing(monkeypatch, recwarn):
+    _nodes(monkeypatch, {"CPU": 4.0}, {"CPU": 4.0})
+    cfg = AuditJobConfig()
+    cfg.runtime.num_workers = 8
+    assert placing.plan_placement(cfg).num_workers == 8
+    assert not [w for w in recwarn if issubclass(w.category, placing.PlacementWarning)]

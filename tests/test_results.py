@@ -15,8 +15,15 @@ from report_fixtures import in_shards, photo_rows
 from ssim_ray.config import SummaryConfig
 from ssim_ray.output.commit import committed_shard_ids, scan_shards, write_shard
 from ssim_ray.output.merge import CorruptShardError, IncompleteMergeError, RunInfo, merge
-from ssim_ray.output.resume import ResumeConflictError, build_run_manifest, check_resume_compatible
+from ssim_ray.output.resume import (
+    ForeignShardsError,
+    ResumeConflictError,
+    build_run_manifest,
+    check_commits,
+    check_resume_compatible,
+)
 from ssim_ray.output.schema import RESULT_COLUMNS, rows_to_table
+from ssim_ray.output.stamps import CommitStamp, metric_digest
 from ssim_ray.output.table_stats import shard_stats
 
 PASSTHROUGH = ["distortion", "photo"]
@@ -36,11 +43,14 @@ def _info(total: int, **overrides) -> RunInfo:
     return RunInfo(**values)
 
 
-def _write_all(out: str, rows: list, sizes=SHARD_SIZES, cfg=CFG, **options) -> dict:
+STAMP = CommitStamp("plan-1", metric_digest(METRIC), "run-1")
+
+
+def _write_all(out: str, rows: list, sizes=SHARD_SIZES, cfg=CFG, stamp=None, **options) -> dict:
     shards = in_shards(rows, sizes)
     for shard_id, shard_rows in shards.items():
         table = rows_to_table(shard_rows, PASSTHROUGH)
-        write_shard(out, shard_id, table, stats=shard_stats(table, cfg), **options)
+        write_shard(out, shard_id, table, stats=shard_stats(table, cfg), stamp=stamp, **options)
     return shards
 
 
@@ -285,7 +295,7 @@ def test_summary_statistics_equal_the_merged_column(tmp_path, rows):
     assert summary["failure_examples"]["unreadable"][0]["error"].startswith("cannot decode")
     assert summary["throughput"]["pairs_per_second"] == 2.4
     assert summary["shards"] == {"total": 4, "committed": 4, "missing": 0, "missing_ids": [], "computed": 3,
-                                 "resumed": 1, "unplanned": 0, "rejected_markers": {}}
+                                 "resumed": 1, "unplanned": 0, "rejected_markers": {}, "by_run": {"unrecorded": 4}}
     assert summary["metric"] == METRIC and summary["plan_fingerprint"] == "plan-1"
     assert summary["batch_sizes"] == {"3x96x128 uint8": 32} and summary["wall_seconds"] == 12.5
     assert set(summary["versions"]) == {"torch", "ray", "pyarrow", "fsspec", "pillow", "numpy", "python",
@@ -429,3 +439,64 @@ def test_built_rows_have_every_column_in_schema_order_then_passthrough():
     assert rows_to_table([row], ["photo"]).equals(rows_to_table([by_hand], ["photo"]))
     with pytest.raises(ValueError, match=r"must not reuse result column names.*\['status'\]"):
         result_row(pair_id="p", reference="a", distorted="b", status="ok", shard_id="s0", passthrough={"status": 1})
+
+
+def test_a_marker_records_the_plan_the_metric_the_run_and_the_inputs(tmp_path, rows):
+    versioned = [dict(r, shard_id="s0", reference_version=f"size={i};mtime_ns=1", distorted_version=None)
+                 for i, r in enumerate(rows[:4])]
+    commit = write_shard(str(tmp_path), "s0", rows_to_table(versioned, PASSTHROUGH), stamp=STAMP)
+    marker = json.loads((tmp_path / "shards" / "s0.commit.json").read_text())
+    assert marker["format"] == "ssim_ray.commit/2"
+    assert (marker["plan_fingerprint"], marker["metric_sha256"], marker["run_id"]) == ("plan-1", STAMP.metric_sha256,
+                                                                                       "run-1")
+    assert marker["inputs_sha256"] == commit.inputs_sha256 and len(commit.inputs_sha256) == 64
+    assert scan_shards(str(tmp_path)).commits["s0"].stamp == STAMP
+    # No version known (rows written without them, or the driver's worker_failed rows): nothing to check.
+    unversioned = rows_to_table([dict(rows[0], shard_id="s1")], PASSTHROUGH)
+    assert write_shard(str(tmp_path), "s1", unversioned).inputs_sha256 is None
+
+
+def test_foreign_and_unstamped_markers_are_refused_by_name(tmp_path, rows):
+    out = str(tmp_path)
+    _write_all(out, rows, stamp=STAMP)
+    ids = [f"shard-0000{i}" for i in range(4)]
+    commits = scan_shards(out).commits
+    check_commits(commits, ids, CommitStamp("plan-1", STAMP.metric_sha256, "run-2"), output_url=out)  # same: reused
+    with pytest.raises(ForeignShardsError, match=r"4 committed shards belong to another plan or other metric settings "
+                                                 r"\(e.g. shard shard-00000: plan fingerprint plan-1.*run run-1.*"
+                                                 r"shard-00000, shard-00001, shard-00002, shard-00003.*overwrite"):
+        check_commits(commits, ids, CommitStamp("plan-2", STAMP.metric_sha256, "run-2"), output_url=out)
+    with pytest.raises(ForeignShardsError, match="4 committed shards belong"):
+        check_commits(commits, ids, CommitStamp("plan-1", metric_digest(dict(METRIC, sigma=2.0)), "r"), output_url=out)
+    with pytest.raises(ForeignShardsError, match="4 committed shards belong"):
+        merge(out, plan_shard_ids=ids, run_info=_info(len(rows)), summary_cfg=CFG,
+              expect=CommitStamp("plan-2", STAMP.metric_sha256, "run-2"))
+    assert not (tmp_path / "ssim.parquet").exists()
+    summary = merge(out, plan_shard_ids=ids, run_info=_info(len(rows), run_id="run-2"), summary_cfg=CFG, expect=STAMP)
+    assert summary["run_id"] == "run-2" and summary["shards"]["by_run"] == {"run-1": 4}
+    marker = tmp_path / "shards" / "shard-00002.commit.json"
+    legacy = {k: v for k, v in json.loads(marker.read_text()).items()
+              if k not in ("plan_fingerprint", "metric_sha256", "run_id", "inputs_sha256")}
+    marker.write_text(json.dumps(legacy | {"format": "ssim_ray.commit/1"}))
+    with pytest.raises(ForeignShardsError, match=r"1 committed shard has a marker that does not record .*format "
+                                                 r"ssim_ray.commit/1.*: shard-00002\."):
+        check_commits(scan_shards(out).commits, ids, STAMP, output_url=out)
+
+
+def test_a_resume_records_its_run_in_the_manifest(tmp_path):
+    out = str(tmp_path)
+    assert check_resume_compatible(out, _manifest(run_id="run-1"), mode="resume") == "new"
+    first = json.loads((tmp_path / "_run.json").read_text())
+    assert check_resume_compatible(out, _manifest(run_id="run-2"), mode="resume") == "resume"
+    second = json.loads((tmp_path / "_run.json").read_text())
+    assert (second["run_id"], second["runs"], second["created"]) == ("run-2", ["run-1", "run-2"], first["created"])
+    assert second["metric_sha256"] == metric_digest(METRIC)
+
+
+def test_overwrite_keeps_the_claim_and_removes_what_a_killed_publication_left(tmp_path, rows):
+    out = str(tmp_path)
+    check_resume_compatible(out, _manifest(), mode="resume")
+    (tmp_path / "_claim.json").write_text("{}")
+    (tmp_path / ".ssim.parquet.tmp-123-abcd1234").write_bytes(b"PAR1")
+    check_resume_compatible(out, _manifest(plan_fingerprint="plan-2"), mode="overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_claim.json", "_run.json"]

@@ -23,7 +23,8 @@ from skimage.metrics import structural_similarity
 
 from ssim_ray.config import SourceConfig, SSIMConfig
 from ssim_ray.sources import iter_shard_pairs, plan_shards
-from ssim_ray.sources.storage import is_transient, read_bytes
+from ssim_ray.sources.reading import read_versioned
+from ssim_ray.sources.storage import StorageUnavailableError, is_transient
 
 CAMERA_GOLDEN = 0.3579642362
 
@@ -150,7 +151,7 @@ def test_credentials_never_appear_in_plans_pairs_or_errors(s3):
 
 
 class _FlakyMemory(MemoryFileSystem):
-    """memory:// that fails a set number of reads per path: with a connection reset, or a given error."""
+    """memory:// that fails a set number of reads (whole or opened) per path: with a connection reset, or a given error."""
 
     protocol = "flakymem"
     failures: dict = {}
@@ -160,14 +161,21 @@ class _FlakyMemory(MemoryFileSystem):
     def _strip_protocol(cls, path):
         return super()._strip_protocol(path.replace("flakymem://", "memory://", 1))
 
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        path = self._strip_protocol(path)
+    def _fail_or_count(self, path):
         self.calls[path] = self.calls.get(path, 0) + 1
         remaining, error = self.failures.get(path, (0, None))
         if remaining:
             self.failures[path] = (remaining - 1, error)
             raise error
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        self._fail_or_count(self._strip_protocol(path))
         return super().cat_file(path, start=start, end=end, **kwargs)
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            self._fail_or_count(self._strip_protocol(path))
+        return super()._open(path, mode=mode, **kwargs)
 
 
 @pytest.fixture
@@ -181,24 +189,24 @@ def flaky():
             fs.store.pop(path)
 
 
-def test_read_bytes_retries_transient_errors_with_growing_backoff(flaky):
+def test_read_retries_transient_errors_with_growing_backoff(flaky):
     flaky.pipe_file("/flaky/a.png", b"payload")
     flaky.failures["/flaky/a.png"] = (3, ConnectionResetError("reset by peer"))
     waits = []
-    assert read_bytes(flaky, "/flaky/a.png", retries=4, backoff_s=0.1, sleep=waits.append) == b"payload"
+    assert read_versioned(flaky, "/flaky/a.png", retries=4, backoff_s=0.1, sleep=waits.append)[0] == b"payload"
     assert flaky.calls["/flaky/a.png"] == 4 and len(waits) == 3
     # Exponential with up to 50% jitter: 0.1-0.15, 0.2-0.3, 0.4-0.6.
     assert all(0.1 * 2**i <= wait <= 0.15 * 2**i for i, wait in enumerate(waits))
 
 
-def test_read_bytes_never_retries_missing_or_forbidden_objects(flaky):
+def test_read_never_retries_missing_or_forbidden_objects(flaky):
     with pytest.raises(FileNotFoundError):
-        read_bytes(flaky, "/flaky/absent.png", retries=5, sleep=lambda s: pytest.fail("slept on a missing object"))
+        read_versioned(flaky, "/flaky/absent.png", retries=5, sleep=lambda s: pytest.fail("slept on a missing object"))
     assert flaky.calls["/flaky/absent.png"] == 1
     flaky.pipe_file("/flaky/locked.png", b"x")
     flaky.failures["/flaky/locked.png"] = (1, PermissionError("403"))
     with pytest.raises(PermissionError):
-        read_bytes(flaky, "/flaky/locked.png", retries=5, sleep=lambda s: pytest.fail("slept on a permanent error"))
+        read_versioned(flaky, "/flaky/locked.png", retries=5, sleep=lambda s: pytest.fail("slept on a permanent error"))
     assert not is_transient(FileNotFoundError()) and is_transient(TimeoutError()) and is_transient(OSError(110, "timed out"))
 
 
@@ -213,5 +221,6 @@ def test_outage_beyond_retries_fails_the_shard_instead_of_typing_pairs(flaky, tm
     assert [p.status for p in _load(cfg)[1]] == ["ok", "ok"]
     flaky.failures["/flaky/dist.png"] = (100, ConnectionResetError("down"))
     cfg = SourceConfig(kind="parquet", url=str(tmp_path / "m.parquet"), allowed_schemes=schemes, fetch_retries=0)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(StorageUnavailableError, match=r"distorted flakymem://flaky/dist.png: storage unavailable after 0 "
+                                                      r"retries: ConnectionResetError: down"):
         _load(cfg)

@@ -5,6 +5,12 @@ marker records (`scan_shards`, `committed_shard_ids`); the merge also checks eac
 it. Object stores have no atomic rename, so the marker is the commit: a part file without one is ignored
 and rewritten by the next attempt, and a marker left over from an earlier attempt is deleted before its
 part file is overwritten. File names are in `layout`.
+
+Besides the part's size, hash, schema and statistics, a marker (format COMMIT_FORMAT) records where its rows
+come from: the `stamps.CommitStamp` (plan fingerprint, metric digest, writing run) and the digest of its
+inputs' versions (`inputs.inputs_digest`). Whether a run may reuse a committed shard is decided from these in
+`resume.check_commits` and `inputs.check_inputs`. Markers of format LEGACY_COMMIT_FORMATS still parse (with
+no stamp), so that a run can name them when it refuses them.
 """
 
 from __future__ import annotations
@@ -30,12 +36,16 @@ from ssim_ray.output.layout import (
     part_path,
     write_bytes,
 )
+from ssim_ray.output.inputs import inputs_digest, table_versions
 from ssim_ray.output.provenance import utc_now
 from ssim_ray.output.schema import rows_to_table, validate_result_table
+from ssim_ray.output.stamps import CommitStamp
 from ssim_ray.output.stats import ShardStats, stats_from_json, stats_to_json
 from ssim_ray.output.table_stats import shard_stats
 
-COMMIT_FORMAT = "ssim_ray.commit/1"
+COMMIT_FORMAT = "ssim_ray.commit/2"
+# Markers of these formats parse, without a stamp or an inputs digest: a run refuses them by name.
+LEGACY_COMMIT_FORMATS = ("ssim_ray.commit/1",)
 MARKER_BATCH = 256  # markers fetched per fs.cat call while scanning
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -53,7 +63,9 @@ class ShardCommit:
     """What a commit marker records about a part file.
 
     `stats` is None when the marker was read without its statistics (`scan_shards` does, so that a scan of
-    many shards holds a few hundred bytes per shard, not its histograms and worst pairs).
+    many shards holds a few hundred bytes per shard, not its histograms and worst pairs). `stamp` is None for
+    a marker written without one (`write_shard(stamp=None)`, or a legacy format): no run reuses it.
+    `inputs_sha256` is None when no row records an input version (nothing to check on resume).
     """
 
     shard_id: str
@@ -63,6 +75,9 @@ class ShardCommit:
     created: str
     arrow_schema: pa.Schema = field(compare=False)
     stats: Optional[ShardStats] = field(compare=False)
+    stamp: Optional[CommitStamp] = None
+    inputs_sha256: Optional[str] = None
+    format: str = COMMIT_FORMAT
 
     def to_json(self) -> Dict[str, Any]:
         """The marker's JSON object (format COMMIT_FORMAT).
@@ -82,6 +97,10 @@ class ShardCommit:
             "created": self.created,
             "arrow_schema": base64.b64encode(self.arrow_schema.serialize().to_pybytes()).decode("ascii"),
             "stats": stats_to_json(self.stats),
+            "plan_fingerprint": self.stamp.plan_fingerprint if self.stamp else None,
+            "metric_sha256": self.stamp.metric_sha256 if self.stamp else None,
+            "run_id": self.stamp.run_id if self.stamp else None,
+            "inputs_sha256": self.inputs_sha256,
         }
 
     @classmethod
@@ -99,10 +118,12 @@ class ShardCommit:
             The ShardCommit.
 
         Raises:
-            ValueError: the marker is not of format COMMIT_FORMAT, or a field is missing or malformed.
+            ValueError: the marker is not of format COMMIT_FORMAT (or a legacy one), or a field is missing or
+                malformed.
         """
-        if data.get("format") != COMMIT_FORMAT:
-            raise ValueError(f"commit marker format must be {COMMIT_FORMAT!r}, got {data.get('format')!r}")
+        marker_format = data.get("format")
+        if marker_format != COMMIT_FORMAT and marker_format not in LEGACY_COMMIT_FORMATS:
+            raise ValueError(f"commit marker format must be {COMMIT_FORMAT!r}, got {marker_format!r}")
         try:
             encoded = data["arrow_schema"]
             cache = schemas if schemas is not None else {}
@@ -111,8 +132,12 @@ class ShardCommit:
             stats = stats_from_json(data["stats"]) if with_stats else None
             if not with_stats and not isinstance(data["stats"], Mapping):
                 raise TypeError(f"stats must be an object, got {type(data['stats']).__name__}")
+            stamp = None
+            if marker_format == COMMIT_FORMAT and data["plan_fingerprint"] is not None:
+                stamp = CommitStamp(data["plan_fingerprint"], data["metric_sha256"], data["run_id"])
+            inputs = data.get("inputs_sha256") if marker_format == COMMIT_FORMAT else None
             return cls(data["shard_id"], int(data["rows"]), int(data["bytes"]), str(data["sha256"]),
-                       str(data["created"]), cache[encoded], stats)
+                       str(data["created"]), cache[encoded], stats, stamp, inputs, marker_format)
         except (KeyError, TypeError, pa.ArrowInvalid, ValueError) as error:
             raise ValueError(f"commit marker fields must be complete and well formed, got {error!r}") from error
 
@@ -124,6 +149,7 @@ def write_shard(
     *,
     storage_options: Optional[Mapping[str, Any]] = None,
     stats: Optional[ShardStats] = None,
+    stamp: Optional[CommitStamp] = None,
 ) -> ShardCommit:
     """Write a shard's part file, then its commit marker (the commit), overwriting an earlier attempt.
 
@@ -135,9 +161,11 @@ def write_shard(
         stats: the shard's statistics for its marker (`table_stats.shard_stats(table, summary_cfg)`); None
             computes them here without groups. The merge does not read them: it recomputes each part's
             statistics from the part itself, with the merge's own summary settings.
+        stamp: the plan fingerprint, metric digest and run the rows belong to; the job always gives one (a
+            marker without it is never reused by a run, see `resume.check_commits`).
 
     Returns:
-        The ShardCommit recorded in the marker.
+        The ShardCommit recorded in the marker (with the digest of the rows' input versions).
 
     Raises:
         ValueError: a malformed shard id or table, or statistics that do not count the table's rows.
@@ -158,7 +186,7 @@ def write_shard(
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     commit = ShardCommit(shard_id, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), utc_now(),
-                         table.schema, stats)
+                         table.schema, stats, stamp, inputs_digest(table_versions(table)))
     fs, root = output_filesystem(output_url, storage_options)
     marker = marker_path(root, shard_id)
     # An old marker beside a half-rewritten part would still look committed if the sizes happened to agree.
@@ -177,6 +205,7 @@ def write_shard_rows(
     passthrough_columns: Sequence[str],
     summary_cfg: SummaryConfig,
     storage_options: Optional[Mapping[str, Any]] = None,
+    stamp: Optional[CommitStamp] = None,
 ) -> ShardCommit:
     """Commit a shard's result rows: their table, with statistics of the run's settings in the marker.
 
@@ -190,6 +219,7 @@ def write_shard_rows(
         passthrough_columns: the plan's pass-through columns, in order.
         summary_cfg: the run's `summary` settings, for the marker's statistics.
         storage_options: fsspec options for `output_url`.
+        stamp: the run's CommitStamp (see `write_shard`).
 
     Returns:
         The ShardCommit recorded in the marker.
@@ -207,7 +237,7 @@ def write_shard_rows(
     """
     table = rows_to_table(rows, passthrough_columns)
     return write_shard(output_url, shard_id, table, storage_options=storage_options,
-                       stats=shard_stats(table, summary_cfg))
+                       stats=shard_stats(table, summary_cfg), stamp=stamp)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,14 @@ ok pairs strictly below each gate's threshold into the summary's `below` entries
   `summary.group_by` (null values form the group "(null)"), one violation per failing group. A group
   with rows but no ok pair violates it, like the whole run.
 - `audit.max_failures` = n: violated when the rows whose status is not `ok` number more than n.
+- No ok pair at all (an empty manifest, or every pair failed): violated whatever gates are set, with the
+  failure gate's code, unless `audit.allow_no_ok_pairs` is true. An audit that measured nothing has not
+  shown anything, and its summary would otherwise exit 0 like a clean one.
 - A summary flagged `"complete": false` (a merge with missing shards) is a violation of its own.
 
 Exit codes (the job exits with the highest one present; every violation is printed):
-EXIT_OK = 0, EXIT_QUALITY_GATE = 3 (min_ssim, group_min_ssim), EXIT_FAILURE_GATE = 4 (max_failures),
-EXIT_INCOMPLETE = 5 (missing shards). 1 and 2 stay with Python (uncaught exception) and argument errors.
+EXIT_OK = 0, EXIT_QUALITY_GATE = 3 (min_ssim, group_min_ssim), EXIT_FAILURE_GATE = 4 (max_failures, no ok
+pair), EXIT_INCOMPLETE = 5 (missing shards). 1 and 2 stay with Python (uncaught exception) and argument errors.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def evaluate_gates(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[G
         audit_cfg: the gates (see the module docstring for their exact semantics).
 
     Returns:
-        The violations, in gate order: complete, min_ssim, group_min_ssim per group, max_failures.
+        The violations, in gate order: complete, min_ssim, group_min_ssim per group, max_failures,
+        no_ok_pairs.
 
     Raises:
         ValueError: a gate needs a count the summary lacks (made without this audit config) or a
@@ -120,7 +124,20 @@ def evaluate_gates(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[G
         found.append(GateViolation("max_failures", None, float(failures), float(audit_cfg.max_failures),
                                    EXIT_FAILURE_GATE,
                                    f"audit.max_failures={audit_cfg.max_failures}: {failures} pairs are not ok"))
+    found.extend(_no_ok_pairs(summary, audit_cfg))
     return found
+
+
+def _no_ok_pairs(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[GateViolation]:
+    pairs = summary["pairs"]
+    # A summary without the ok count (written before it existed) is not judged on it.
+    if audit_cfg.allow_no_ok_pairs or pairs.get("ok") is None or pairs["ok"] > 0:
+        return []
+    merged = pairs.get("merged", pairs.get("failures", 0))
+    why = "the plan has no pair" if not merged else f"{merged} pairs, all failed"
+    return [GateViolation("no_ok_pairs", None, 0.0, 1.0, EXIT_FAILURE_GATE,
+                          f"no pair is ok ({why}): nothing was measured; set audit.allow_no_ok_pairs=true "
+                          "if that is expected")]
 
 
 def exit_code(violations: Sequence[GateViolation]) -> int:

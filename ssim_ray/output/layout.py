@@ -2,14 +2,17 @@
 
 Layout under `output_url` (any fsspec URL: a local path, file://, s3://, memory://):
 
+    _claim.json                   the claim of the run writing here now: run id, host, pid, heartbeat
     _run.json                     the run manifest: plan fingerprint, metric settings, source (no secrets)
     shards/<shard_id>.parquet     one part file per shard, named by the shard id (a rerun overwrites)
-    shards/<shard_id>.commit.json its commit marker, written LAST: rows, bytes, sha256, schema, statistics
+    shards/<shard_id>.commit.json its commit marker, written LAST: rows, bytes, sha256, schema, statistics,
+                                  plan fingerprint, metric digest, run id, digest of the inputs' versions
     ssim.parquet                  every committed row, in plan order (written by the merge)
     summary.json                  counts, SSIM statistics, worst pairs, run facts (written by the merge)
     report.html, plots/           the report (written by ssim_ray.report from summary.json)
 
-The commit protocol is in `commit`, the manifest and resume decision in `resume`, the merge in `merge`.
+The commit protocol is in `commit` and `stamps`, the claim in `claim`, the manifest and resume decision in
+`resume`, input verification in `inputs`, the merge in `merge`, atomic publication in `publish`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ SHARDS_DIR = "shards"
 PART_SUFFIX = ".parquet"
 MARKER_SUFFIX = ".commit.json"
 RUN_MANIFEST = "_run.json"
+CLAIM_FILE = "_claim.json"
 MERGED_FILE = "ssim.parquet"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
@@ -50,7 +54,13 @@ def output_filesystem(output_url: str, storage_options: Optional[Mapping[str, An
     return fs, root.rstrip("/")
 
 
-def _is_local(fs: Any) -> bool:
+def is_local(fs: Any) -> bool:
+    """Whether `fs` is the local filesystem (where rename is atomic and folders must exist before files).
+
+    Example:
+        >>> is_local(fsspec.filesystem("file")), is_local(fsspec.filesystem("memory"))
+        (True, False)
+    """
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
 
@@ -68,7 +78,7 @@ def ensure_folder(fs: Any, path: str) -> None:
     Example:
         >>> ensure_folder(fsspec.filesystem("memory"), "/doc-layout/nothing-made")
     """
-    if _is_local(fs):
+    if is_local(fs):
         fs.makedirs(path, exist_ok=True)
 
 

@@ -3,8 +3,13 @@
 Parts are read in plan order, MERGE_READ_AHEAD at a time on threads (on an object store each part is one
 GET), each checked against its marker's size and sha256, appended to one Parquet writer, and their
 statistics summed. Memory stays at MERGE_READ_AHEAD parts plus a row group and 12 bytes per ok row (exact
-percentiles), whatever the number of shards. summary.json is deleted first and written last, so its
-presence means ssim.parquet is complete.
+percentiles), whatever the number of shards.
+
+Publication is atomic (`publish`): the new ssim.parquet is written under a temporary name (local disk) or
+as an upload that publishes on close (object stores), while the previous ssim.parquet and summary.json stay
+readable; then summary.json is deleted, ssim.parquet published, and the new summary.json published. A kill
+at any point leaves a whole ssim.parquet (the previous one or the new one), and a summary.json only beside
+the ssim.parquet it describes. A failed merge leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from ssim_ray.output.layout import (
     MERGED_FILE,
     SHARDS_DIR,
     SUMMARY_FILE,
-    ensure_folder,
     output_filesystem,
     part_path,
-    write_bytes,
 )
 from ssim_ray.output.provenance import library_versions, utc_now
+from ssim_ray.output.publish import StagedFile, publish_bytes
+from ssim_ray.output.resume import check_commits
+from ssim_ray.output.stamps import CommitStamp
 from ssim_ray.output.schema import RESULT_COLUMNS, RESULT_SCHEMA
 from ssim_ray.output.stats import ShardStats, empty_stats, merge_stats
 from ssim_ray.output.summary_stats import ScoreCollector, summary_statistics
@@ -82,6 +88,9 @@ class RunInfo:
         kernels: the kernels that scored this run's shards (`ssim_ray.metric.kernel_in_use`: 'torch-compiled',
             'torch-eager', 'triton'); empty when the run computed nothing.
         compile: the configured compile policy of the CPU kernel (`ssim.compile`).
+        run_id: the run that merges (`stamps.new_run_id`); None outside a job.
+        input_check: `inputs.summarize_checks(...)`: the committed shards whose inputs were verified, and
+            those recomputed because their inputs changed; None when nothing was verified.
     """
 
     metric: Mapping[str, Any]
@@ -98,6 +107,8 @@ class RunInfo:
     num_workers: Optional[int] = None
     kernels: Tuple[str, ...] = ()
     compile: Optional[str] = None
+    run_id: Optional[str] = None
+    input_check: Optional[Mapping[str, Any]] = None
 
     def pairs_per_second(self) -> Optional[float]:
         """Pairs computed by this run per second of processing; None when nothing was computed."""
@@ -181,44 +192,39 @@ def _parts_in_order(fs: Any, root: str, commits: Sequence[ShardCommit], read_ahe
                 future.cancel()
 
 
-def _stream_parts(fs: Any, root: str, commits: Sequence[ShardCommit],
+def _stream_parts(staged: StagedFile, fs: Any, root: str, commits: Sequence[ShardCommit],
                   summary_cfg: SummaryConfig) -> Tuple[ShardStats, ScoreCollector]:
-    """Append every part to ssim.parquet in plan order; return the merged statistics and the scores."""
+    """Append every part to the staged ssim.parquet in plan order; return the merged statistics and scores."""
     schema = _unified_schema([c.arrow_schema for c in commits])
     merged = empty_stats(group_by=summary_cfg.group_by, worst_k=summary_cfg.worst_k,
                          examples_per_status=summary_cfg.examples_per_status)
     collector = ScoreCollector(capacity=sum(c.rows for c in commits), group_by=summary_cfg.group_by)
-    ensure_folder(fs, root)
     pending: List[pa.Table] = []
     pending_rows = 0
-    target = f"{root}/{MERGED_FILE}"
-    try:
-        with fs.open(target, "wb") as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
-            for part in _parts_in_order(fs, root, commits, MERGE_READ_AHEAD):
-                table = _conform(part, schema)
-                # From the verified part itself (~1 ms per 1,000 rows): the summary describes exactly the
-                # rows merged, with this merge's settings, and no shard's statistics outlive its turn.
-                merged = merge_stats(merged, shard_stats(table, summary_cfg))
-                collector.add(table)
-                pending.append(table)
-                pending_rows += table.num_rows
-                if pending_rows >= ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
-                    pending, pending_rows = [], 0
-            if pending:
+    # The writer leaves a file object it was given open: publishing the staged file is the caller's decision.
+    with pq.ParquetWriter(staged.handle, schema, compression="zstd") as writer:
+        for part in _parts_in_order(fs, root, commits, MERGE_READ_AHEAD):
+            table = _conform(part, schema)
+            # From the verified part itself (~1 ms per 1,000 rows): the summary describes exactly the
+            # rows merged, with this merge's settings, and no shard's statistics outlive its turn.
+            merged = merge_stats(merged, shard_stats(table, summary_cfg))
+            collector.add(table)
+            pending.append(table)
+            pending_rows += table.num_rows
+            if pending_rows >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
-    except BaseException:
-        # A partial ssim.parquet must not outlive a failed merge (the next merge rewrites it anyway).
-        if fs.exists(target):
-            fs.rm(target)
-        raise
-    if len(merged.groups) > summary_cfg.max_groups:
-        raise ValueError(
-            f"summary.group_by={summary_cfg.group_by!r} must have at most summary.max_groups="
-            f"{summary_cfg.max_groups} distinct values, got {len(merged.groups)}; ssim.parquet is written: "
-            "rerun with output.merge_only=true and a coarser summary.group_by (or a larger max_groups)"
-        )
+                pending, pending_rows = [], 0
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
     return merged, collector
+
+
+def _too_many_groups(stats: ShardStats, summary_cfg: SummaryConfig) -> Optional[str]:
+    if len(stats.groups) <= summary_cfg.max_groups:
+        return None
+    return (f"summary.group_by={summary_cfg.group_by!r} must have at most summary.max_groups="
+            f"{summary_cfg.max_groups} distinct values, got {len(stats.groups)}; ssim.parquet is written: "
+            "rerun with output.merge_only=true and a coarser summary.group_by (or a larger max_groups)")
 
 
 def merge(
@@ -230,6 +236,7 @@ def merge(
     storage_options: Optional[Mapping[str, Any]] = None,
     allow_incomplete: bool = False,
     audit_cfg: Optional[AuditConfig] = None,
+    expect: Optional[CommitStamp] = None,
 ) -> Dict[str, Any]:
     """Build ssim.parquet and summary.json from the committed shards of the plan; idempotent.
 
@@ -238,8 +245,9 @@ def merge(
     group code; per shard only its small commit facts). Each part's statistics are computed from the part
     as it streams, after its sha256 is checked, and summed into the run's.
     Pass-through columns whose types differ between shards (all-null in one, say) are unified by
-    pyarrow's permissive promotion. summary.json is deleted first and written last, so its presence means
-    ssim.parquet is complete.
+    pyarrow's permissive promotion. Both files are published atomically (see the module's docstring): a
+    kill or a failure never leaves a partial file, and a summary.json always describes the ssim.parquet
+    beside it.
 
     Args:
         output_url: the run's output folder.
@@ -251,12 +259,15 @@ def merge(
             raising when planned shards are missing (for a look at a partial run; gates still apply).
         audit_cfg: the quality gates; their thresholds get exact below-threshold counts in the summary
             (`below`), which `gates.evaluate_gates` reads.
+        expect: the run's stamp: every committed shard of the plan must carry its plan fingerprint and
+            metric digest (`resume.check_commits`); None merges whatever is committed (outside a job).
 
     Returns:
         The summary, as written to summary.json.
 
     Raises:
         IncompleteMergeError: planned shards are not committed and allow_incomplete is False.
+        ForeignShardsError: with `expect`, a committed shard of another plan or other metric settings.
         CorruptShardError: a part file differs from its marker, or a complete merge's row count differs
             from run_info.total_pairs.
         ValueError: incompatible pass-through types, or too many groups.
@@ -276,19 +287,33 @@ def merge(
     started = time.perf_counter()
     fs, root = output_filesystem(output_url, storage_options)
     scan = scan_shards(output_url, storage_options=storage_options)
+    if expect is not None:
+        check_commits(scan.commits, plan_shard_ids, expect, output_url=output_url)
     commits, missing = _planned_commits(scan, plan_shard_ids, allow_incomplete=allow_incomplete)
+    staged = StagedFile(fs, f"{root}/{MERGED_FILE}")
+    try:
+        stats, collector = _stream_parts(staged, fs, root, commits, summary_cfg)
+        rows = stats.overall.rows
+        if not missing and rows != run_info.total_pairs:
+            raise CorruptShardError(f"a complete merge must have run_info.total_pairs={run_info.total_pairs} "
+                                    f"rows, got {rows} from {len(commits)} shards")
+    except BaseException:
+        staged.discard()  # the previous ssim.parquet and summary.json stay as they were
+        raise
+    too_many = _too_many_groups(stats, summary_cfg)
+    if too_many is None:
+        thresholds = [t for t in (audit_cfg.min_ssim, audit_cfg.group_min_ssim) if t is not None] if audit_cfg else []
+        summary = _summary(stats, collector, run_info, scan, plan_shard_ids, missing, thresholds)
+        summary["audit"] = asdict(audit_cfg) if audit_cfg else None
+    # The previous summary.json goes just before the new table is published, so that no summary.json ever
+    # stands beside an ssim.parquet it does not describe (a kill in between leaves no summary.json).
     if fs.exists(f"{root}/{SUMMARY_FILE}"):
         fs.rm(f"{root}/{SUMMARY_FILE}")
-    stats, collector = _stream_parts(fs, root, commits, summary_cfg)
-    rows = stats.overall.rows
-    if not missing and rows != run_info.total_pairs:
-        raise CorruptShardError(f"a complete merge must have run_info.total_pairs={run_info.total_pairs} rows, "
-                                f"got {rows} from {len(commits)} shards")
-    thresholds = [t for t in (audit_cfg.min_ssim, audit_cfg.group_min_ssim) if t is not None] if audit_cfg else []
-    summary = _summary(stats, collector, run_info, scan, plan_shard_ids, missing, thresholds)
-    summary["audit"] = asdict(audit_cfg) if audit_cfg else None
+    staged.commit()
+    if too_many is not None:
+        raise ValueError(too_many)
     summary["merge_seconds"] = round(time.perf_counter() - started, 3)
-    write_bytes(fs, f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=1).encode("utf-8"))
+    publish_bytes(fs, f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=1).encode("utf-8"))
     return summary
 
 
@@ -296,9 +321,15 @@ def _summary(stats: ShardStats, collector: ScoreCollector, run_info: RunInfo, sc
              plan_shard_ids: Sequence[str], missing: Sequence[str], thresholds: Sequence[float]) -> Dict[str, Any]:
     planned = set(plan_shard_ids)
     rate = run_info.pairs_per_second()
+    by_run: Dict[str, int] = {}
+    for shard_id in planned & set(scan.commits):
+        stamp = scan.commits[shard_id].stamp
+        writer = stamp.run_id if stamp is not None else "unrecorded"
+        by_run[writer] = by_run.get(writer, 0) + 1
     summary = {
         "format": "ssim_ray.summary/1",
         "created": utc_now(),
+        "run_id": run_info.run_id,
         "complete": not missing,
         "metric": scrub(dict(run_info.metric)),
         "plan_fingerprint": run_info.plan_fingerprint,
@@ -310,7 +341,9 @@ def _summary(stats: ShardStats, collector: ScoreCollector, run_info: RunInfo, sc
             "missing_ids": list(missing[:_LISTED_IDS]), "computed": run_info.shards_computed,
             "resumed": run_info.shards_resumed, "unplanned": len(set(scan.commits) - planned),
             "rejected_markers": dict(list(scan.rejected.items())[:_LISTED_IDS]),
+            "by_run": dict(sorted(by_run.items())),
         },
+        "input_check": dict(run_info.input_check) if run_info.input_check is not None else None,
         "wall_seconds": run_info.wall_seconds,
         "throughput": {"pairs_per_second": rate, "pairs_computed": run_info.pairs_computed,
                        "processing_seconds": run_info.processing_seconds},

@@ -31,6 +31,8 @@ RESULT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("decoder", pa.string()),
+        ("reference_version", pa.string()),
+        ("distorted_version", pa.string()),
         ("shard_id", pa.string()),
     ]
 )
@@ -56,6 +58,8 @@ def result_row(
     data_range: Optional[float] = None,
     bit_depth: Optional[int] = None,
     decoder: Optional[str] = None,
+    reference_version: Optional[str] = None,
+    distorted_version: Optional[str] = None,
 ) -> Dict[str, Any]:
     """One result row: every RESULT_SCHEMA column, in schema order, then the pass-through columns.
 
@@ -78,6 +82,9 @@ def result_row(
         data_range: the L of the metric's constants.
         bit_depth: the images' bit depth (8 or 16).
         decoder: what decoded the images.
+        reference_version: what identified the reference's bytes when they were read (size and mtime, or
+            size and ETag/version id); None when unknown. A resume checks it (`output.inputs`).
+        distorted_version: the same for the distorted image.
 
     Returns:
         A dict with the keys RESULT_COLUMNS, then the keys of `passthrough`.
@@ -127,7 +134,7 @@ def rows_to_table(
         ...                  passthrough={"codec": "jpeg"}, ssim=0.9, ssim_per_channel=[0.9], height=64,
         ...                  width=64, channels=1, data_range=255.0, bit_depth=8, decoder="pillow-11")
         >>> rows_to_table([row], ["codec"]).num_columns
-        15
+        17
     """
     clashes = sorted(set(passthrough_columns) & set(RESULT_COLUMNS))
     if clashes:

@@ -31,7 +31,9 @@ def _share(part: Any, whole: Any) -> str:
 def _evaluated(summary: Mapping[str, Any]) -> Tuple[Optional[List[GateViolation]], Optional[str]]:
     """(violations, None), or (None, why they cannot be evaluated); (None, None) when no gate is set."""
     audit = summary.get("audit") or {}
-    if not any(v is not None for v in audit.values()):
+    # A flag (audit.allow_no_ok_pairs) is not a gate; a run with no ok pair fails without any gate set.
+    gates_set = any(v is not None and not isinstance(v, bool) for v in audit.values())
+    if not gates_set and (summary.get("pairs") or {}).get("ok") != 0:
         return None, None
     try:
         return evaluate_gates(summary, AuditConfig(**audit)), None
@@ -87,7 +89,7 @@ def gates_verdict(summary: Mapping[str, Any]) -> str:
     """
     violations, error = _evaluated(summary)
     settings = esc(", ".join(f"audit.{k}={setting_text(v)}" for k, v in (summary.get("audit") or {}).items()
-                             if v is not None))
+                             if v is not None and v is not False))
     if error is not None:
         return f'<p class="verdict bad">Quality gates ({settings}) cannot be evaluated: {esc(error)}</p>'
     if violations is None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ssim_ray.config import ReportConfig, SourceConfig, SSIMConfig
-from ssim_ray.output.layout import PLOTS_DIR, REPORT_FILE, RUN_MANIFEST, SUMMARY_FILE, output_filesystem, write_bytes
+from ssim_ray.output.layout import PLOTS_DIR, REPORT_FILE, RUN_MANIFEST, SUMMARY_FILE, output_filesystem
+from ssim_ray.output.publish import publish_bytes
 from ssim_ray.report.charts import summary_plots
 from ssim_ray.report.page import render_html
 from ssim_ray.report.worst import WorstPanel, configs_from_manifest, noted, worst_panels
@@ -79,17 +80,28 @@ def make_report(
     panels = _panels(fs, root, worst, source_cfg=source_cfg, ssim_cfg=ssim_cfg)
     worst_seconds = time.perf_counter() - worst_started
     page = render_html(summary, plots=plots, panels=panels, output_url=scrub(output_url))
-    plot_paths = []
-    if fs.exists(f"{root}/{PLOTS_DIR}"):  # plots of an earlier report (other groups) must not linger
-        fs.rm(f"{root}/{PLOTS_DIR}", recursive=True)
-    for plot in plots:
-        path = f"{root}/{PLOTS_DIR}/{plot.name}"
-        write_bytes(fs, path, plot.png)
-        plot_paths.append(path)
+    # Each file is published whole (a kill never leaves a truncated one where a good one was): the plots,
+    # then the page; plots of an earlier report (other groups) are removed only once the new page is there.
+    plot_paths = [f"{root}/{PLOTS_DIR}/{plot.name}" for plot in plots]
+    for plot, path in zip(plots, plot_paths):
+        publish_bytes(fs, path, plot.png)
     html_path = f"{root}/{REPORT_FILE}"
-    write_bytes(fs, html_path, page.encode("utf-8"))
+    publish_bytes(fs, html_path, page.encode("utf-8"))
+    _remove_other_plots(fs, f"{root}/{PLOTS_DIR}", keep=plot_paths)
     return ReportResult(html_path, tuple(plot_paths), len(panels), sum(1 for p in panels if p.images),
                         time.perf_counter() - started, worst_seconds)
+
+
+def _remove_other_plots(fs: Any, folder: str, *, keep: Sequence[str]) -> None:
+    fs.invalidate_cache(folder)
+    try:
+        present = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return
+    kept = {fs._strip_protocol(path) for path in keep}
+    stale = [path for path in present if fs._strip_protocol(path) not in kept]
+    if stale:
+        fs.rm(stale)
 
 
 def _panels(fs: Any, root: str, worst: Sequence[Mapping[str, Any]], *, source_cfg: Optional[SourceConfig],

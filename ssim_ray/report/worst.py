@@ -3,7 +3,8 @@
 Owns rebuilding the run's source and metric configs from `_run.json`, re-reading only the worst pairs (a
 pair that cannot be read again gets a note saying why instead of images), and the pictures of a pair:
 reference, distorted and SSIM-map thumbnails that line up pixel for pixel, the map's colour bar, and the
-three enlarged at the map's window of lowest mean SSIM.
+three enlarged at the map's window of lowest mean SSIM. The map itself is computed at bounded memory by
+`ssim_ray.report.pair_map`; images are reduced for their thumbnails a band of rows at a time.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from PIL import Image, ImageDraw
 
 from ssim_ray import statuses
 from ssim_ray.config import SourceConfig, SSIMConfig
-from ssim_ray.metric import ssim
 from ssim_ray.output.layout import RUN_MANIFEST
 from ssim_ray.report.charts import Plot, colorbar_plot, map_colors
+from ssim_ray.report.pair_map import PairMap, map_pair
 from ssim_ray.sources import load_pairs, plan_shards
 
 THUMBNAIL_SIDE = 320
-ZOOM_WINDOW = 64  # side, in SSIM-map pixels, of the region with the lowest mean SSIM shown enlarged
 ZOOM_SIDE = 192  # enlarged windows are scaled by a whole factor up to about this many pixels
 BORDER_GRAY = (128, 128, 128)  # the margin of win_size // 2 that the window never sees
 BOX_COLOR = (0, 230, 255)  # cyan: apart from every colour of the map's colormap
@@ -148,13 +148,9 @@ def _fill_panel(panel: WorstPanel, pair: Any, ssim_cfg: SSIMConfig) -> None:
     # take longer than all of them together.
     # kernel="torch": only the torch path draws maps (a run scored by Triton agrees with it to 1e-6).
     options = {**ssim_cfg.ssim_options(), "compile": "never", "kernel": "torch"}
-    score, ssim_map = ssim(pair.ref, pair.dist, data_range=pair.data_range, return_map=True, **options)
-    values = ssim_map.detach().to("cpu").double().numpy()
-    while values.ndim > 2:  # batch and channel axes: the mean over channels has the score as its mean
-        values = values.mean(axis=0)
-    panel.recomputed = float(score.detach().to("cpu").double().mean())
-    panel.images = pair_images(_display_pixels(pair.ref, pair.data_range), _display_pixels(pair.dist, pair.data_range),
-                               values, border=ssim_cfg.win_size // 2)
+    mapped = map_pair(pair.ref, pair.dist, data_range=pair.data_range, options=options)
+    panel.recomputed = mapped.score
+    panel.images = pair_images(pair.ref, pair.dist, mapped, data_range=pair.data_range)
 
 
 def _display_pixels(tensor: Any, data_range: float) -> np.ndarray:
@@ -164,8 +160,37 @@ def _display_pixels(tensor: Any, data_range: float) -> np.ndarray:
     return pixels[0] if pixels.shape[0] != 3 else np.transpose(pixels, (1, 2, 0))
 
 
+def _reduced_pixels(tensor: Any, data_range: float, factor: int) -> np.ndarray:
+    """Display pixels averaged over factor x factor blocks (edge blocks over what they hold), computed a band
+    of rows at a time so that no full-size float copy of a large image exists."""
+    if factor == 1:
+        return _display_pixels(tensor, data_range)
+    channels, height, width = tensor.shape
+    out_w = -(-width // factor)
+    band = max(1, (1 << 20) // max(1, width * channels * factor)) * factor  # ~1 M values per band
+    rows = []
+    for top in range(0, height, band):
+        pixels = tensor[:, top:top + band].detach().to("cpu").numpy().astype(np.float32)
+        span = pixels.shape[1]
+        padded = np.zeros((channels, -(-span // factor) * factor, out_w * factor), np.float32)
+        padded[:, :span, :width] = pixels
+        weight = np.zeros(padded.shape[1:], np.float32)
+        weight[:span, :width] = 1.0
+        rows.append(_block_sums(padded, factor) / _block_sums(weight, factor))
+    pixels = np.clip(np.round(np.concatenate(rows, axis=1) * (255.0 / data_range)), 0, 255).astype(np.uint8)
+    return pixels[0] if channels != 3 else np.transpose(pixels, (1, 2, 0))
+
+
+def _block_sums(array: np.ndarray, factor: int) -> np.ndarray:
+    """Sums over factor x factor blocks of the last two axes (both multiples of factor)."""
+    *lead, height, width = array.shape
+    return array.reshape(*lead, height // factor, factor, width // factor, factor).sum(axis=(-3, -1))
+
+
 def lowest_window(values: np.ndarray, side: int) -> Tuple[int, int]:
     """Top-left corner of the side x side window of `values` with the lowest mean (ties: first found).
+
+    The whole-map form; the report finds the window strip by strip (`pair_map`), and is tested against this.
 
     Args:
         values: an (H, W) SSIM map, H and W at least `side`.
@@ -184,14 +209,21 @@ def lowest_window(values: np.ndarray, side: int) -> Tuple[int, int]:
     return int(row), int(col)
 
 
-def _thumbnail(image: Image.Image, *, resample: int) -> Image.Image:
+def _thumbnail_size(width: int, height: int) -> Tuple[int, int]:
     """Down to THUMBNAIL_SIDE on the long side; small images enlarged by a whole factor (pixels stay sharp)."""
-    longest = max(image.size)
+    longest = max(width, height)
     if longest <= THUMBNAIL_SIDE:
         factor = max(1, THUMBNAIL_SIDE // longest)
-        return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        return width * factor, height * factor
     scale = THUMBNAIL_SIDE / longest
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _resized(image: Image.Image, size: Tuple[int, int], *, resample: int) -> Image.Image:
+    """`image` at `size`: `resample` when it shrinks, NEAREST when it grows (enlarged pixels stay sharp)."""
+    if image.size == size:
+        return image
+    return image.resize(size, resample if size[0] < image.width else Image.NEAREST)
 
 
 def _picture(name: str, image: Image.Image) -> Plot:
@@ -200,48 +232,52 @@ def _picture(name: str, image: Image.Image) -> Plot:
     return Plot(name, LABELS[name], buffer.getvalue(), image.width, image.height)
 
 
-def _framed_map(values: np.ndarray, *, border: int, size: Tuple[int, int]) -> Image.Image:
-    """The coloured map inside a gray frame of `border` pixels, scaled to `size` (the image's (W, H))."""
-    canvas = Image.new("RGB", (values.shape[1] + 2 * border, values.shape[0] + 2 * border), BORDER_GRAY)
-    canvas.paste(Image.fromarray(map_colors(values), "RGB"), (border, border))
-    return canvas.resize(size, Image.NEAREST)
+def _colored(values: np.ndarray) -> Image.Image:
+    """Map values coloured; NaN (cells of the frame the window never sees) in BORDER_GRAY."""
+    colors = map_colors(np.nan_to_num(values, nan=1.0))
+    colors[np.isnan(values)] = BORDER_GRAY
+    return Image.fromarray(colors, "RGB")
 
 
-def pair_images(reference: np.ndarray, distorted: np.ndarray, values: np.ndarray, *, border: int) -> List[Plot]:
+def pair_images(reference: Any, distorted: Any, mapped: PairMap, *, data_range: float) -> List[Plot]:
     """Pictures of a pair in page order: reference, distorted and SSIM-map thumbnails, the map's colour
     bar, and the three enlarged at the map's lowest-mean window.
 
-    `values` is the valid-region map ((H - 2·border) × (W - 2·border), or the same on the downsampled grid);
-    it is framed by a gray border and scaled to the image's size, so the three thumbnails line up pixel
-    for pixel; a cyan box on the map marks the enlarged window.
+    The map is shown framed by a gray border (the margin the window never sees) and at the images' size,
+    so the three thumbnails line up pixel for pixel; a cyan box on the map marks the enlarged window.
+    Large images are reduced to about twice the thumbnail a band of rows at a time, then resampled.
 
     Args:
-        reference: 8-bit display pixels, (H, W) or (H, W, 3).
+        reference: (C, H, W) uint8/uint16 pixels.
         distorted: the same for the distorted image.
-        values: the SSIM map (mean over channels).
-        border: win_size // 2, the margin the window cannot see.
+        mapped: the pair's map (`pair_map.map_pair`).
+        data_range: L, to scale 16-bit pixels for display.
 
     Returns:
         Plots named reference, distorted, map, scale, zoom_reference, zoom_distorted, zoom_map.
 
     Example:
-        >>> gray = np.zeros((32, 32), np.uint8)
-        >>> [p.name for p in pair_images(gray, gray, np.ones((22, 22)), border=5)][:4]
+        >>> import torch
+        >>> gray = torch.zeros((1, 32, 32), dtype=torch.uint8)
+        >>> mapped = map_pair(gray, gray, data_range=255.0, options={"compile": "never"})
+        >>> [p.name for p in pair_images(gray, gray, mapped, data_range=255.0)][:4]
         ['reference', 'distorted', 'map', 'scale']
     """
-    height, width = reference.shape[:2]
-    full_map = _framed_map(values, border=border, size=(width, height))
-    scale = height / (values.shape[0] + 2 * border)
-    side = min(ZOOM_WINDOW, *values.shape)
-    row, col = lowest_window(values, side)
-    box = tuple(int(round((v + border) * scale)) for v in (col, row, col + side, row + side))
-    zooms = {"zoom_reference": Image.fromarray(reference).crop(box),
-             "zoom_distorted": Image.fromarray(distorted).crop(box), "zoom_map": full_map.crop(box)}
-    marked = full_map.copy()
-    ImageDraw.Draw(marked).rectangle(box, outline=BOX_COLOR, width=max(2, width // 200))
-    thumbnails = {"reference": _thumbnail(Image.fromarray(reference), resample=Image.LANCZOS),
-                  "distorted": _thumbnail(Image.fromarray(distorted), resample=Image.LANCZOS),
-                  "map": _thumbnail(marked, resample=Image.BILINEAR)}
+    height, width = reference.shape[-2:]
+    size = _thumbnail_size(width, height)
+    factor = max(1, max(width, height) // (2 * THUMBNAIL_SIDE))
+    thumbnails = {name: _resized(Image.fromarray(_reduced_pixels(pixels, data_range, factor)), size,
+                                 resample=Image.LANCZOS)
+                  for name, pixels in (("reference", reference), ("distorted", distorted))}
+    thumbnails["map"] = _resized(_colored(mapped.display), size, resample=Image.BILINEAR)
+    row, col, side = mapped.window
+    box = tuple(int(round((v + mapped.border) * mapped.scale)) for v in (col, row, col + side, row + side))
+    shown = [v * (size[0] / width if i % 2 == 0 else size[1] / height) for i, v in enumerate(box)]
+    ImageDraw.Draw(thumbnails["map"]).rectangle(shown, outline=BOX_COLOR, width=2)
+    crop = (slice(None), slice(box[1], box[3]), slice(box[0], box[2]))
+    zooms = {"zoom_reference": Image.fromarray(_display_pixels(reference[crop], data_range)),
+             "zoom_distorted": Image.fromarray(_display_pixels(distorted[crop], data_range))}
+    zooms["zoom_map"] = _colored(mapped.zoom).resize(zooms["zoom_reference"].size, Image.NEAREST)
     enlarge = max(1, ZOOM_SIDE // max(1, zooms["zoom_map"].width))
     zooms = {k: v.resize((v.width * enlarge, v.height * enlarge), Image.NEAREST) for k, v in zooms.items()}
     scale_bar = colorbar_plot(thumbnails["map"].height)

@@ -4,11 +4,12 @@ One decoder for every format, Pillow, so that both images of a pair are decoded 
 and its version can be recorded per row (Pillow releases have shifted decoded pixels before).
 
 Pillow reduces 16-bit color PNG and TIFF files to 8 bits when it opens them (mode RGB/RGBA with a
-`;16` raw mode). We never accept that loss: such images are decoded twice by Pillow, once keeping the
-high byte of each sample (its default) and once the low byte (the opposite-endian raw mode), and
-recombined. 16-bit gray+alpha PNGs are decoded by relabelling the header as 8-bit RGBA, which has the
-same bytes per pixel and so the same filtering, then splitting each pixel's bytes. Anything else that
-cannot be decoded exactly gets status `unsupported`.
+`;16` raw mode). We never accept that loss: `sixteen_bit` decodes such images exactly (and 16-bit
+gray+alpha PNGs). Anything else that cannot be decoded exactly gets status `unsupported`.
+
+Which pixels are the image is a named policy (see `frames`): a file with several frames or pages is
+refused (`multi_frame`) unless frame 0 is asked for; the EXIF orientation is read and, when asked, applied
+to the decoded pixels (exact for 16-bit data too, as only rows and columns move).
 
 Pillow's pixel cap (`Image.MAX_IMAGE_PIXELS`) is a process-wide setting; `decode_image` sets it to the
 configured `max_pixels` on purpose, so that Pillow's own bomb check and ours agree, and checks the
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import io
 import struct
-import sys
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -29,13 +29,18 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 
 from ssim_ray import statuses
+from ssim_ray.sources.frames import frame_count, orientation_of, to_upright
+from ssim_ray.sources.model import DecodeError
+from ssim_ray.sources.sixteen_bit import sixteen_bit_color, sixteen_bit_gray_alpha_png
 
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What Pillow raises on corrupt or truncated data besides OSError: it surfaces parser errors as they come.
 _CORRUPT_DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error)
 _EIGHT_BIT_MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N")
+# Bytes per pixel of each mode once decoded (palette images become RGB(A)); 16-bit color doubles RGB(A).
+_DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 4, "PA": 4, "LA": 2, "RGB": 3, "RGBA": 4, "YCbCr": 3, "CMYK": 4,
+                            "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 # ITU-R 601-2 luma in Pillow's fixed point (its RGB -> L conversion), so `gray` equals Pillow's `L` for
 # 8-bit files and extends the same rounding to 16-bit ones.
 _LUMA_FIXED = (19595, 38470, 7471)
@@ -43,45 +48,45 @@ _LUMA_FIXED = (19595, 38470, 7471)
 _Y_COEFFS = (65.481, 128.553, 24.966)
 
 
-class DecodeError(Exception):
-    """An image that cannot be used, with the status it gets and a one-line message naming the file.
-
-    Attributes:
-        status: one of `unreadable`, `too_large`, `unsupported`, `has_alpha`.
-    """
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class DecodedImage:
-    """Decoded pixels: `pixels` (H, W, C) uint8 or uint16, C-contiguous; `bit_depth` 8 or 16 (of the file)."""
+    """Decoded pixels: `pixels` (H, W, C) uint8 or uint16 (float32 under `color=y_float`), C-contiguous; `bit_depth`
+    8 or 16 (of the file).
+
+    `orientation`: the file's EXIF orientation (1-8) when it was read (policies `apply` and `error`), else 1.
+    """
 
     pixels: np.ndarray
     bit_depth: int
     decoder: str
+    orientation: int = 1
 
 
-def decode_image(data: bytes, *, name: str, color: str, alpha: str, max_pixels: int) -> DecodedImage:
-    """Decode one encoded image exactly, with the color and alpha policies applied.
+def decode_image(data: bytes, *, name: str, color: str, alpha: str, max_pixels: int, multi_frame: str = "error",
+                 exif_orientation: str = "ignore") -> DecodedImage:
+    """Decode one encoded image exactly, with the frame, orientation, color and alpha policies applied.
 
     Args:
         data: the encoded file (PNG, JPEG, TIFF, BMP or WebP).
         name: what to call the file in messages (its URL, redacted, or a descriptor).
         color: `rgb` (channels as stored: 1 for gray files, 3 for color), `gray` (ITU-R 601-2 luma with
-            Pillow's rounding), or `y` (BT.601 studio-swing luma, see `bt601_y`).
+            Pillow's rounding), `y` (BT.601 studio-swing luma rounded as MATLAB's rgb2ycbcr, see `bt601_y`)
+            or `y_float` (BasicSR's unrounded float32 Y, see `bt601_y_float`; the pixels are then float32).
         alpha: `drop` the alpha channel of LA/RGBA files, or `error` (status `has_alpha`).
         max_pixels: width × height above which the image is refused from its header (`too_large`).
+        multi_frame: a file with several frames or pages: `error` (status `multi_frame`) or `first`
+            (frame 0 as Pillow opens it; the decoder says "frame 1 of N").
+        exif_orientation: `ignore` (pixels as stored, the tag not read), `error` (as stored; the tag is
+            read into `orientation` for the pair's check) or `apply` (turned upright by the tag).
 
     Returns:
-        The pixels (H, W, C) in uint8 (8-bit files) or uint16 (16-bit files), the bit depth and the
-        decoder ("Pillow 13.0.0 PNG").
+        The pixels (H, W, C) in uint8 (8-bit files) or uint16 (16-bit files), the bit depth, the
+        decoder ("Pillow 13.0.0 PNG") and the EXIF orientation.
 
     Raises:
         DecodeError: with status `unreadable` (empty, truncated, not an image), `too_large`,
-            `unsupported` (a mode that cannot be decoded exactly, e.g. CMYK or float) or `has_alpha`.
+            `unsupported` (a mode that cannot be decoded exactly, e.g. CMYK or float), `has_alpha` or
+            `multi_frame`.
 
     Example:
         >>> buf = io.BytesIO(); Image.new("RGB", (16, 12), (10, 20, 30)).save(buf, "PNG")
@@ -92,16 +97,67 @@ def decode_image(data: bytes, *, name: str, color: str, alpha: str, max_pixels: 
     if not data:
         raise DecodeError(statuses.UNREADABLE, f"{name}: empty file (0 bytes)")
     image = _open_checked(data, name=name, max_pixels=max_pixels)
+    frames_note = _check_frames(image, policy=multi_frame, name=name)
     try:
         pixels, bit_depth, how = _exact_pixels(image, data, name=name)
+        # Read after decoding: a PNG's eXIf chunk may follow its pixel data.
+        orientation = 1 if exif_orientation == "ignore" else orientation_of(image)
     except DecodeError:
         raise
     except _CORRUPT_DATA_ERRORS as exc:
         raise DecodeError(statuses.UNREADABLE, f"{name}: cannot decode {image.format}: {_one_line(exc)}") from exc
+    if exif_orientation == "apply" and orientation != 1:
+        pixels, how = to_upright(pixels, orientation), f"{how} (EXIF orientation {orientation} applied)"
     pixels = _apply_alpha_policy(pixels, alpha=alpha, name=name)
     pixels = _apply_color_policy(pixels, color=color)
-    decoder = f"Pillow {PIL.__version__} {image.format}{how}"
-    return DecodedImage(pixels=np.ascontiguousarray(pixels), bit_depth=bit_depth, decoder=decoder)
+    decoder = f"Pillow {PIL.__version__} {image.format}{how}{frames_note}"
+    return DecodedImage(pixels=np.ascontiguousarray(pixels), bit_depth=bit_depth, decoder=decoder, orientation=orientation)
+
+
+def decoded_size_bound(data: bytes, *, max_pixels: int, color: str = "rgb") -> int:
+    """Bytes the decoded pixels of `data` take at most, from its header alone (for the prefetch byte budget).
+
+    Args:
+        data: the encoded file.
+        max_pixels: the pixel cap, as in `decode_image`.
+        color: the color policy, as in `decode_image` (`gray`, `y` and `y_float` keep one channel).
+
+    Returns:
+        height × width × decoded bytes per pixel; 0 when the header cannot be read (decoding will type it).
+
+    Example:
+        >>> buf = io.BytesIO(); Image.new("RGB", (16, 12)).save(buf, "PNG")
+        >>> decoded_size_bound(buf.getvalue(), max_pixels=10**6), decoded_size_bound(b"not an image", max_pixels=10**6)
+        (576, 0)
+    """
+    _apply_pixel_cap(max_pixels)
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        sixteen_bit = image.mode in _SIXTEEN_BIT_GRAY or ";16" in _rawmode(image)
+    except MemoryError:
+        raise
+    except Exception:  # any bad header: `decode_image` gives it its typed status; here it only holds nothing
+        return 0
+    pixels = image.width * image.height
+    if color == "y_float":
+        return pixels * 4  # one float32 channel
+    if color in ("gray", "y"):
+        return pixels * (2 if sixteen_bit else 1)
+    per_pixel = _DECODED_BYTES_PER_PIXEL.get(image.mode, 8)
+    return pixels * per_pixel * (2 if sixteen_bit and image.mode in ("RGB", "RGBA") else 1)
+
+
+def _check_frames(image: Image.Image, *, policy: str, name: str) -> str:
+    """'' for a still image; with several frames, a note for the decoder (`first`) or `multi_frame`."""
+    frames = frame_count(image)
+    if frames == 1:
+        return ""
+    if policy == "first":
+        return f" (frame 1 of {frames})"
+    raise DecodeError(
+        statuses.MULTI_FRAME,
+        f"{name}: {image.format} with {frames} frames; set source.multi_frame=first to score frame 0 (frame 1 of {frames})",
+    )
 
 
 def read_size(data: bytes, *, name: str, max_pixels: int) -> Tuple[int, int]:
@@ -166,9 +222,9 @@ def _exact_pixels(image: Image.Image, data: bytes, *, name: str) -> Tuple[np.nda
     """(H, W, C) pixels with every stored bit, the bit depth, and a note on how they were decoded."""
     mode, rawmode = image.mode, _rawmode(image)
     if mode == "RGBA" and rawmode == "LA;16B" and image.format == "PNG":
-        return _sixteen_bit_gray_alpha_png(data, name=name), 16, " (16-bit gray+alpha: relabelled)"
+        return sixteen_bit_gray_alpha_png(data, name=name), 16, " (16-bit gray+alpha: relabelled)"
     if mode in ("RGB", "RGBA") and ";16" in rawmode:
-        return _sixteen_bit_color(image, data, rawmode=rawmode, name=name), 16, " (16-bit color: two passes)"
+        return sixteen_bit_color(image, data, rawmode=rawmode, name=name), 16, " (16-bit color: two passes)"
     if ";16" in rawmode and mode not in _SIXTEEN_BIT_GRAY:
         raise DecodeError(statuses.UNSUPPORTED, f"{name}: {image.format} mode {mode} from {rawmode} cannot be decoded exactly")
     if mode in _SIXTEEN_BIT_GRAY:
@@ -194,69 +250,6 @@ def _to_eight_bit_mode(image: Image.Image, *, name: str) -> Image.Image:
     raise DecodeError(statuses.UNSUPPORTED, f"{name}: {image.format} mode {image.mode} is not supported (expected gray, palette, RGB(A))")
 
 
-def _opposite_endian(rawmode: str) -> str:
-    """The raw mode that reads the other byte of each 16-bit sample ('RGB;16B' -> 'RGB;16L')."""
-    stem, order = rawmode[:-1], rawmode[-1]
-    if order == "N":
-        order = "B" if sys.byteorder == "little" else "L"
-    else:
-        order = {"B": "L", "L": "B"}[order]
-    return stem + order
-
-
-def _sixteen_bit_color(image: Image.Image, data: bytes, *, rawmode: str, name: str) -> np.ndarray:
-    """16-bit RGB(A): Pillow keeps the high byte of each sample; a second pass keeps the low one."""
-    if len(image.tile) != 1 and image.format == "PNG":
-        raise DecodeError(statuses.UNSUPPORTED, f"{name}: 16-bit color PNG with {len(image.tile)} tiles")
-    image.load()
-    high = np.asarray(image).astype(np.uint16)
-    low_image = Image.open(io.BytesIO(data), formats=(image.format,))
-    low_image.tile = [_with_rawmode(tile, _opposite_endian(rawmode), rawmode) for tile in low_image.tile]
-    low_image.load()
-    low = np.asarray(low_image).astype(np.uint16)
-    return (high << 8) | low
-
-
-def _with_rawmode(tile: "Image._Tile", new: str, old: str) -> "Image._Tile":
-    """`tile` reading its samples with raw mode `new` instead of `old`."""
-    args = tile.args
-    if isinstance(args, str):
-        return tile._replace(args=new)
-    if str(args[0]) != old:
-        raise DecodeError(statuses.UNSUPPORTED, f"tile raw mode {args[0]!r}, expected {old!r}")
-    return tile._replace(args=(new,) + tuple(args[1:]))
-
-
-def _sixteen_bit_gray_alpha_png(data: bytes, *, name: str) -> np.ndarray:
-    """16-bit LA PNG: same 4 bytes per pixel as 8-bit RGBA, so Pillow unfilters it exactly as RGBA."""
-    chunks = list(_png_chunks(data, name=name))
-    ihdr = bytearray(chunks[0][1])
-    ihdr[8], ihdr[9] = 8, 6  # bit depth 8, color type RGBA
-    kept = [(b"IHDR", bytes(ihdr))] + [(kind, body) for kind, body in chunks if kind in (b"IDAT", b"IEND")]
-    relabelled = PNG_SIGNATURE + b"".join(_png_chunk(kind, body) for kind, body in kept)
-    rgba = np.asarray(Image.open(io.BytesIO(relabelled), formats=("PNG",)).convert("RGBA"))
-    gray = (rgba[:, :, 0].astype(np.uint16) << 8) | rgba[:, :, 1]
-    alpha = (rgba[:, :, 2].astype(np.uint16) << 8) | rgba[:, :, 3]
-    return np.stack([gray, alpha], axis=-1)
-
-
-def _png_chunks(data: bytes, *, name: str):
-    """(type, body) of each PNG chunk, in order."""
-    offset = len(PNG_SIGNATURE)
-    while offset + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[offset:offset + 4])
-        kind = data[offset + 4:offset + 8]
-        body = data[offset + 8:offset + 8 + length]
-        if len(body) != length:
-            raise DecodeError(statuses.UNREADABLE, f"{name}: truncated PNG chunk {kind!r}")
-        yield kind, body
-        offset += 12 + length
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
 def _apply_alpha_policy(pixels: np.ndarray, *, alpha: str, name: str) -> np.ndarray:
     """Drop the alpha channel of LA/RGBA pixels, or refuse them when `alpha='error'`."""
     if pixels.shape[2] not in (2, 4):
@@ -271,6 +264,8 @@ def _apply_color_policy(pixels: np.ndarray, *, color: str) -> np.ndarray:
         return pixels
     if color == "gray":
         return pixels if pixels.shape[2] == 1 else luma_601(pixels)
+    if color == "y_float":
+        return bt601_y_float(pixels)
     return bt601_y(pixels)
 
 
@@ -316,6 +311,39 @@ def bt601_y(pixels: np.ndarray) -> np.ndarray:
     offset = 16.0 if pixels.dtype == np.uint8 else 16.0 * 257
     y = offset + (_Y_COEFFS[0] * red + _Y_COEFFS[1] * green + _Y_COEFFS[2] * blue) / 255.0
     return np.floor(y + 0.5).astype(pixels.dtype)[:, :, None]
+
+
+def bt601_y_float(pixels: np.ndarray) -> np.ndarray:
+    """BT.601 studio-swing luma as BasicSR's `to_y_channel` forms it: float32, NOT rounded.
+
+    BasicSR (`basicsr/metrics/psnr_ssim.py`, behind most super-resolution tables) scales the 8-bit BGR image
+    to float32 [0, 1], takes `np.dot(bgr, [24.966, 128.553, 65.481]) + 16.0` in float64, divides by 255 and
+    stores float32, then multiplies by 255 in float32. Those steps are repeated here, so the pixels are
+    BasicSR's own, bit for bit, and differ from MATLAB's `rgb2ycbcr` (`bt601_y`), which rounds to uint8:
+    by 5e-4 to 1.5e-3 in SSIM on bicubic-upscaled pairs (measured). The values stay on the file's scale, so the data range
+    is the file's as well (`data_range: auto` gives 255, BasicSR's L); a 16-bit file, which BasicSR does
+    not define, gets the same steps with 65535 in place of 255. A one-channel file passes through as
+    BasicSR passes it (its `to_y_channel` converts only 3-channel images): the value through the same
+    float32 scaling, with no Y formula.
+
+    Args:
+        pixels: (H, W, 1) or (H, W, 3) RGB, uint8 or uint16.
+
+    Returns:
+        (H, W, 1) float32.
+
+    Example:
+        >>> bt601_y_float(np.array([[[255, 255, 255], [10, 20, 30]]], dtype=np.uint8))[0, :, 0].tolist()
+        [235.0, 31.587648391723633]
+    """
+    scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
+    unit = pixels.astype(np.float32) / np.float32(scale)
+    if pixels.shape[2] == 3:
+        bgr = unit[..., ::-1]
+        # float64 here, as numpy promotes BasicSR's float32 image against a list of Python floats
+        y = (np.dot(bgr, [24.966, 128.553, 65.481]) + 16.0) / 255.0
+        unit = y.astype(np.float32)[:, :, None]
+    return np.ascontiguousarray(unit * np.float32(scale))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,8 +1,8 @@
 """The sources' data types: what a plan is made of and what a worker gets for each pair.
 
 Small frozen dataclasses (a `Shard` travels to a Ray actor, so it stays small and picklable), the one
-mutable `LoadedPair` a worker fills while loading, and `ManifestError`. No I/O here: planning, manifest
-scanning and loading build and read these types.
+mutable `LoadedPair` a worker fills while loading, `ManifestError`, `DecodeError` (an image that cannot
+be used) and `PairFailure` (what a pair that cannot be scored becomes). No I/O here: planning, manifest scanning and loading build and read these types.
 """
 
 from __future__ import annotations
@@ -17,6 +17,26 @@ from ssim_ray import statuses
 
 class ManifestError(ValueError):
     """The manifest cannot be used: a missing column, a wrong type, a duplicate id. Raised before any work."""
+
+
+class PairFailure(Exception):
+    """A pair that cannot be scored: its status and the one-line, redacted message for its row."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DecodeError(Exception):
+    """An image that cannot be used, with the status it gets and a one-line message naming the file.
+
+    Attributes:
+        status: one of `unreadable`, `too_large`, `unsupported`, `has_alpha`, `multi_frame`.
+    """
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,12 @@ class LoadedPair:
 
     `ref` and `dist` are (C, H, W) uint8/uint16 tensors; `reference` and `distorted` name the two sides
     (redacted URLs, or a description of inline bytes) for rows and messages.
+
+    `reference_version` and `distorted_version` identify the input that was read, taken before its bytes:
+    `size=<bytes>;mtime_ns=<int>` for local files, `size=<bytes>;etag=<ETag>` (or the store's generation,
+    hash or modification time) for object stores, None for bytes inside the manifest (the plan's fingerprint
+    covers them) and for an input that could not be fetched. `sources.current_versions` gives the same
+    strings without reading any image.
     """
 
     pair_id: str
@@ -110,3 +136,5 @@ class LoadedPair:
     bit_depth: Optional[int] = None
     data_range: Optional[float] = None
     decoder: Optional[str] = None
+    reference_version: Optional[str] = None
+    distorted_version: Optional[str] = None

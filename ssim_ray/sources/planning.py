@@ -18,8 +18,10 @@ import numpy as np
 
 from ssim_ray.config import SourceConfig
 from ssim_ray.secrets import redact_text
+from ssim_ray.sources.fetch import redacted_errors
 from ssim_ray.sources.manifest import list_manifest
 from ssim_ray.sources.model import ManifestColumns, ManifestError, ManifestFile, ParquetRows, Plan, PrefixRows, Shard
+from ssim_ray.sources.reading import version_field
 from ssim_ray.sources.storage import open_url, url_of
 
 SHARD_ID_DIGITS = 8
@@ -34,8 +36,8 @@ def plan_shards(cfg: SourceConfig) -> Plan:
 
     Returns:
         The shards in order, a fingerprint of what defines the plan (source identity, the Parquet footers
-        or the listing, pairs per shard, columns; never storage options or credentials), the number of
-        pairs and the pass-through columns.
+        or the listing, pairs per shard, columns, the settings that decide statuses or pixels; never
+        storage options or credentials), the number of pairs and the pass-through columns.
 
     Raises:
         ManifestError: a missing column, a column of the wrong type, a duplicate or null pair_id, no
@@ -52,11 +54,12 @@ def plan_shards(cfg: SourceConfig) -> Plan:
         >>> [s.num_pairs for s in plan.shards], plan.total_pairs
         ([2, 1], 3)
     """
-    if cfg.kind == "prefix":
-        return _plan_prefix(cfg)
-    if cfg.kind == "sample":
-        return _plan_sample(cfg)
-    return _plan_parquet(cfg, url=cfg.url, sample=False)
+    with redacted_errors():
+        if cfg.kind == "prefix":
+            return _plan_prefix(cfg)
+        if cfg.kind == "sample":
+            return _plan_sample(cfg)
+        return _plan_parquet(cfg, url=cfg.url, sample=False)
 
 
 def _plan_sample(cfg: SourceConfig) -> Plan:
@@ -132,11 +135,13 @@ def _make_plan(
     columns: Optional[ManifestColumns],
 ) -> Plan:
     doc = dict(identity_doc)
-    # max_pixels and allowed_schemes decide statuses (too_large, path_escape): a resumed run must agree on them.
+    # max_pixels, allowed_schemes, multi_frame and exif_orientation decide statuses (too_large, path_escape,
+    # multi_frame, orientation_mismatch) or pixels (frame 0, turned upright): a resumed run must agree on them.
     doc.update(
         kind=cfg.kind, pairs_per_shard=cfg.pairs_per_shard, passthrough=list(passthrough),
         columns=None if columns is None else dataclasses.asdict(columns), max_pixels=cfg.max_pixels,
-        allowed_schemes=sorted(cfg.allowed_schemes),
+        allowed_schemes=sorted(cfg.allowed_schemes), multi_frame=cfg.multi_frame,
+        exif_orientation=cfg.exif_orientation,
     )
     fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     total = sum(shard.num_pairs for shard in shards)
@@ -186,9 +191,10 @@ def _list_prefix(url: str, *, cfg: SourceConfig, option: str) -> Dict[str, Tuple
 
 
 def _object_version(info: Dict[str, Any]) -> Any:
-    """What tells a rewritten object from the old one: a content hash where the store has one, else mtime."""
-    for name in ("ETag", "etag", "md5Hash", "crc32c", "mtime", "LastModified", "last_modified"):
-        if info.get(name) is not None:
-            value = info[name]
-            return value if isinstance(value, (str, int, float)) else str(value)
-    return None
+    """What tells a rewritten object from the old one (`reading.VERSION_FIELDS`): a content hash or
+    generation where the store has one, else a timestamp."""
+    field = version_field(info)
+    if field is None:
+        return None
+    value = field[1]
+    return value if isinstance(value, (str, int, float)) else str(value)

@@ -1,5 +1,9 @@
-"""fsspec at the edge: open URLs with storage options, name listed files by URL, read bytes with retries,
-resolve manifest paths.
+"""fsspec at the edge: open URLs with storage options, name listed files by URL, classify and retry storage
+errors, resolve manifest paths. Reading an object with its version is `reading`'s.
+
+URL schemes are case-insensitive (RFC 3986): `File://` and `S3://` are opened as `file://` and `s3://`. A
+scheme with no filesystem installed (`gs://` without gcsfs) raises `UnsupportedSchemeError`. A transient
+error that outlives its retries is the caller's to turn into `StorageUnavailableError` (see `fetch`).
 
 Credentials never pass through here as arguments we keep: fsspec and its backends take them from the
 environment or their own configuration. URLs that carry a `user:password@` part are redacted (by
@@ -13,7 +17,6 @@ import os
 import posixpath
 import random
 import re
-import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import fsspec
@@ -30,10 +33,27 @@ _TRANSIENT_ERRNOS = frozenset(
 )
 # Errors that say the object is not there or not ours to read: retrying cannot help.
 _PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# HTTP answers worth retrying: timeouts, throttling, server errors. Other 4xx answers are permanent.
+_TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+# aiohttp's connection errors (a dropped connection, a truncated body) are not all OSErrors; matched by
+# name so that this module does not import aiohttp where no http filesystem is used.
+_HTTP_CONNECTION_ERRORS = ("ClientConnectionError", "ClientPayloadError")
 
 
 class PathEscapeError(ValueError):
     """A manifest path leaves its base folder, or uses a URL scheme that is not allowed."""
+
+
+class UnsupportedSchemeError(ValueError):
+    """No filesystem for a URL's scheme is installed or known to fsspec."""
+
+
+class StorageUnavailableError(ConnectionError):
+    """A storage error that outlived its retries: the shard is retried as a whole.
+
+    Its message is redacted and it carries no cause: the original error may quote a signed URL, and Ray
+    prints a failed task's exception, causes included, to the driver and its worker logs.
+    """
 
 
 def url_scheme(url: str) -> Optional[str]:
@@ -51,6 +71,23 @@ def url_scheme(url: str) -> Optional[str]:
     """
     match = _SCHEME.match(url)
     return match.group(1).lower() if match else None
+
+
+def normalise_url(url: str) -> str:
+    """`url` with its scheme lower-cased: schemes are case-insensitive, fsspec's registry is not.
+
+    Args:
+        url: a URL or a local path.
+
+    Returns:
+        The same URL with a lower-case scheme; a plain path unchanged.
+
+    Example:
+        >>> normalise_url("S3://Bucket/Key.PNG"), normalise_url("/data/A.png")
+        ('s3://Bucket/Key.PNG', '/data/A.png')
+    """
+    match = _SCHEME.match(url)
+    return url if match is None else match.group(1).lower() + url[len(match.group(1)):]
 
 
 def storage_options_for(url: str, storage_options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -78,18 +115,29 @@ def open_url(url: str, *, storage_options: Mapping[str, Any]) -> Tuple[fsspec.Ab
     """The filesystem and the path within it for `url`.
 
     Args:
-        url: a local path or any fsspec URL (file://, s3://, gs://, memory://...).
+        url: a local path or any fsspec URL (file://, s3://, gs://, memory://...), scheme in any case.
         storage_options: options for remote filesystems (endpoint, region, anon...); never credentials.
 
     Returns:
         (filesystem, path) as `fsspec.core.url_to_fs` gives them. fsspec caches filesystem instances,
         so repeated calls with the same options are cheap.
 
+    Raises:
+        UnsupportedSchemeError: no filesystem for the scheme is installed (the message says which package).
+
     Example:
-        >>> fs, path = open_url("memory://bucket/a.png", storage_options={})
+        >>> fs, path = open_url("MEMORY://bucket/a.png", storage_options={})
         >>> path
         '/bucket/a.png'
     """
+    url = normalise_url(url)
+    scheme = url_scheme(url)
+    if scheme is not None:
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError) as exc:
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise UnsupportedSchemeError(f"no filesystem for scheme {scheme!r} is installed ({detail})") from None
     return url_to_fs(url, **storage_options_for(url, storage_options))
 
 
@@ -115,41 +163,73 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if "file" in protocols else fs.unstrip_protocol(path)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether a storage error is worth retrying: connection trouble and timeouts, never a missing object.
+def http_status(exc: BaseException) -> Optional[int]:
+    """The HTTP error status an exception carries, itself or through its causes (fsspec's http filesystem
+    raises `FileNotFoundError` from the 403 it got).
 
     Args:
         exc: the error a storage call raised.
 
     Returns:
-        True for connection errors, timeouts and transient errno values (EAGAIN, ECONNRESET...); False
-        for a missing object, a permission error and anything else.
+        The status (400-599), or None.
+
+    Example:
+        >>> class Answer(Exception):
+        ...     status = 403
+        >>> try:
+        ...     try:
+        ...         raise Answer()
+        ...     except Answer as inner:
+        ...         raise FileNotFoundError("http://h/a.png") from inner
+        ... except FileNotFoundError as outer:
+        ...     http_status(outer), http_status(outer.__cause__), http_status(ValueError())
+        (403, 403, None)
+    """
+    seen = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for name in ("status", "code", "status_code"):
+            value = getattr(current, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+                return value
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: connection trouble, timeouts, throttling, server errors.
+
+    Args:
+        exc: the error a storage call raised.
+
+    Returns:
+        True for connection errors, timeouts, transient errno values (EAGAIN, ECONNRESET...) and HTTP 408,
+        425, 429 and 5xx answers; False for a missing object, a permission error, another HTTP 4xx answer
+        and anything else.
 
     Example:
         >>> is_transient(ConnectionResetError()), is_transient(FileNotFoundError("a.png"))
         (True, False)
     """
+    status = http_status(exc)
+    if status is not None:
+        return status in _TRANSIENT_HTTP
     if isinstance(exc, _PERMANENT_ERRORS):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if any(cls.__module__.startswith("aiohttp") and cls.__name__ in _HTTP_CONNECTION_ERRORS for cls in type(exc).__mro__):
+        return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
-def read_bytes(
-    fs: fsspec.AbstractFileSystem,
-    path: str,
-    *,
-    retries: int,
-    backoff_s: float = 0.1,
-    max_backoff_s: float = 5.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> bytes:
-    """The whole object at `path`, retrying transient errors with exponential backoff and jitter.
+def retrying(attempt: Callable[[], Any], *, retries: int, backoff_s: float, max_backoff_s: float,
+              sleep: Callable[[float], None]) -> Any:
+    """`attempt()`, retried on transient errors (`is_transient`) with exponential backoff and jitter.
 
     Args:
-        fs: the filesystem, from `open_url`.
-        path: the path within `fs`.
+        attempt: the storage call.
         retries: how many times a transient error is retried (0: try once).
         backoff_s: the first wait; it doubles after each failure, with up to 50% random jitter so that
             many threads do not retry in step.
@@ -157,25 +237,28 @@ def read_bytes(
         sleep: how to wait (tests pass a recorder).
 
     Returns:
-        The bytes of the object.
+        What `attempt` returns.
 
     Raises:
-        FileNotFoundError: the object does not exist (never retried).
-        OSError: a permanent error, or a transient one that outlived its retries (the last one).
+        Exception: a permanent error at once, or the last transient one once the retries are spent.
 
     Example:
-        >>> fs, path = open_url("memory://doc/x.bin", storage_options={})
-        >>> fs.pipe_file(path, b"abc")
-        >>> read_bytes(fs, path, retries=2)
-        b'abc'
+        >>> calls = []
+        >>> def flaky():
+        ...     calls.append(1)
+        ...     if len(calls) < 3:
+        ...         raise ConnectionResetError("reset")
+        ...     return "done"
+        >>> retrying(flaky, retries=4, backoff_s=0.1, max_backoff_s=5.0, sleep=lambda s: None), len(calls)
+        ('done', 3)
     """
-    for attempt in range(retries + 1):
+    for number in range(retries + 1):
         try:
-            return fs.cat_file(path)
+            return attempt()
         except Exception as exc:  # classified below: permanent errors and the last attempt re-raise
-            if attempt == retries or not is_transient(exc):
+            if number == retries or not is_transient(exc):
                 raise
-            wait = min(max_backoff_s, backoff_s * (2**attempt))
+            wait = min(max_backoff_s, backoff_s * (2**number))
             sleep(wait * (1 + 0.5 * random.random()))
     raise AssertionError("unreachable: the loop returns or raises")
 
@@ -190,7 +273,7 @@ def resolve_path(value: str, *, base_url: str, allowed_schemes: Tuple[str, ...])
         allowed_schemes: schemes an absolute URL may use; a local absolute path counts as `file`.
 
     Returns:
-        The absolute URL or local path to read.
+        The absolute URL (its scheme lower-cased) or local path to read.
 
     Raises:
         PathEscapeError: a relative path that leaves `base_url` (via `..`), a scheme not allowed, or an
@@ -208,7 +291,7 @@ def resolve_path(value: str, *, base_url: str, allowed_schemes: Tuple[str, ...])
     if scheme is not None:
         if scheme not in allowed_schemes:
             raise PathEscapeError(f"URL scheme {scheme!r} of {redact_text(value)!r} is not allowed; allowed: {list(allowed_schemes)}")
-        return value
+        return normalise_url(value)
     base_scheme = url_scheme(base_url) or "file"
     if value.startswith("/"):
         if base_scheme not in _LOCAL_PROTOCOLS or "file" not in allowed_schemes:

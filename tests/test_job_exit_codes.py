@@ -1,0 +1,72 @@
+"""An audit that scored no pair does not exit 0 (issue 12): an empty manifest, or one where every pair failed.
+
+It exits with the failure gate's code (4) and says so, unless `audit.allow_no_ok_pairs=true`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from job_fixtures import job_config, read_summary
+
+from ssim_ray.output.gates import EXIT_FAILURE_GATE, EXIT_OK
+from ssim_ray.run import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _manifest(path: Path, rows: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"pair_id": pa.array([f"p{i}" for i in range(rows)], pa.string()),
+                      "reference": pa.array([f"gone/r{i}.png" for i in range(rows)], pa.string()),
+                      "distorted": pa.array([f"gone/d{i}.png" for i in range(rows)], pa.string())})
+    pq.write_table(table, path)
+    return path
+
+
+def test_an_empty_manifest_exits_with_the_failure_code(tmp_path, capsys):
+    manifest = _manifest(tmp_path / "data" / "empty.parquet", rows=0)
+    out = tmp_path / "out"
+    cfg = job_config(manifest, out)
+    cfg.summary.group_by = None
+    outcome = evaluate(cfg, output_url=str(out))  # nothing to compute: Ray is not even started
+    assert outcome.exit_code == EXIT_FAILURE_GATE
+    assert "no pair is ok (the plan has no pair)" in capsys.readouterr().err
+    assert read_summary(out)["pairs"]["merged"] == 0  # every output is still written
+    cfg.audit.allow_no_ok_pairs, cfg.output.mode = True, "overwrite"
+    assert evaluate(cfg, output_url=str(out)).exit_code == EXIT_OK
+
+
+@pytest.mark.slow  # a fresh interpreter for the job: ~10 s
+def test_the_job_command_exits_4_on_an_empty_manifest_and_0_when_allowed(tmp_path):
+    manifest = _manifest(tmp_path / "data" / "empty.parquet", rows=0)
+    command = [sys.executable, "-m", "jobs.ssim_audit", "source=parquet", f"source.url={manifest}",
+               f"hydra.run.dir={tmp_path / 'run'}", "report.enabled=false"]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert refused.returncode == EXIT_FAILURE_GATE, refused.stderr
+    assert "no pair is ok" in refused.stderr
+    allowed = subprocess.run(command + ["audit.allow_no_ok_pairs=true", "output.mode=overwrite"], cwd=REPO,
+                             capture_output=True, text=True, timeout=180)
+    assert allowed.returncode == EXIT_OK, allowed.stderr
+
+
+@pytest.mark.slow
+def test_a_run_where_every_pair_failed_exits_with_the_failure_code(tmp_path, capsys):
+    manifest = _manifest(tmp_path / "data" / "missing.parquet", rows=5)
+    out = tmp_path / "out"
+    cfg = job_config(manifest, out, num_workers=1)
+    cfg.summary.group_by = None
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        outcome = evaluate(cfg, output_url=str(out))
+    finally:
+        ray.shutdown()
+    assert outcome.summary["status_counts"] == {"missing": 5}
+    assert outcome.exit_code == EXIT_FAILURE_GATE
+    assert "no pair is ok (5 pairs, all failed)" in capsys.readouterr().err
