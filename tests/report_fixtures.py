@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import skimage.data
 from PIL import Image, ImageEnhance, ImageFilter
-from skimage.metrics import structural_similarity
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 CROP = (96, 128)  # small crops of real photographs keep each score a few milliseconds
 PHOTOS = ("camera", "astronaut", "chelsea", "coffee", "moon", "brick")
@@ -63,6 +63,15 @@ def _score(reference: np.ndarray, distorted: np.ndarray) -> List[float]:
     ]
 
 
+def _psnr(reference: np.ndarray, distorted: np.ndarray) -> dict:
+    """scikit-image's PSNR over the pair and per channel (the crops are too small for MS-SSIM's five scales)."""
+    ref = reference if reference.ndim == 3 else reference[..., None]
+    dist = distorted if distorted.ndim == 3 else distorted[..., None]
+    return {"psnr": float(peak_signal_noise_ratio(ref, dist, data_range=255)),
+            "psnr_per_channel": [float(peak_signal_noise_ratio(ref[..., c], dist[..., c], data_range=255))
+                                 for c in range(ref.shape[-1])]}
+
+
 def _row(pair_id: str, reference: Path, distorted: Path, distortion: str, photo: str) -> dict:
     return dict(pair_id=pair_id, reference=str(reference), distorted=str(distorted), ssim=None,
                 ssim_per_channel=None, height=None, width=None, channels=None, data_range=None, bit_depth=None,
@@ -90,7 +99,7 @@ def photo_rows(folder: Path) -> List[dict]:
             row = _row(f"{name}_{kind}", reference_path, distorted_path, kind, name)
             row.update(ssim=float(np.mean(per_channel)), ssim_per_channel=per_channel, height=CROP[0],
                        width=CROP[1], channels=len(per_channel), data_range=255.0, bit_depth=8,
-                       decoder="pillow")
+                       decoder="pillow", **_psnr(pixels, decoded), ms_ssim_undefined="too_small")
             rows.append(row)
     return rows + _failure_rows(folder)
 
@@ -148,12 +157,15 @@ HOSTILE_ERROR = "cannot decode <script>alert('x')</script> & more"
 
 
 class _JobConfig:
-    """The two parts of an AuditJobConfig that resume.run_manifest reads."""
+    """The parts of an AuditJobConfig that resume.run_manifest reads: every metric computed."""
 
     def __init__(self, source) -> None:
         from ssim_ray.config import SSIMConfig
 
         self.source, self.ssim = source, SSIMConfig()
+
+    def describe_metric(self) -> dict:
+        return self.ssim.describe(metrics=("ssim", "psnr", "ms_ssim"))
 
 
 def build_audit(folder: Path, *, audit) -> str:

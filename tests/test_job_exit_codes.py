@@ -62,7 +62,7 @@ def test_a_run_where_every_pair_failed_exits_with_the_failure_code(tmp_path, cap
     out = tmp_path / "out"
     cfg = job_config(manifest, out, num_workers=1)
     cfg.summary.group_by = None
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         outcome = evaluate(cfg, output_url=str(out))
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from ssim_ray import placement as placing
@@ -42,7 +44,77 @@ def test_gpu_placement_is_one_actor_per_gpu(monkeypatch):
     _cluster(monkeypatch, 16.0, gpus=2.0)
     placement = placing.plan_placement(AuditJobConfig())
     assert (placement.device, placement.num_workers, placement.memory_share) == ("cuda", 2, 1.0)
+    # decode_threads=auto: (16 CPUs - 1 for Ray) // 2 GPU actors = 7 CPUs reserved and decoding per actor
+    assert placement.actor_options == {"num_gpus": 1.0, "num_cpus": 7.0}
+    assert placement.decode_threads == 7
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decode capacity that follows the node (issue 15, point 1)
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("node", "gpus_per_worker", "cpus", "threads"),
+    [
+        ({"CPU": 96.0, "GPU": 8.0}, 1.0, 11.0, 11),  # the issue's node: 95 // 8
+        ({"CPU": 8.0, "GPU": 2.0}, 1.0, 3.0, 3),
+        ({"CPU": 8.0, "GPU": 2.0}, 0.5, 1.0, 2),  # 4 actors: 7 // 4 = 1 CPU, never fewer than 2 threads
+        ({"CPU": 4.0, "GPU": 8.0}, 1.0, 1.0, 2),  # more GPUs than CPUs: the reservation before auto
+        ({"CPU": 64.0, "GPU": 1.0}, 2.0, 1.0, 2),  # half a GPU per actor asked for two: no actor fits the node
+    ],
+)
+def test_auto_gpu_actors_reserve_and_decode_on_their_share_of_the_node(monkeypatch, node, gpus_per_worker, cpus, threads):
+    _nodes(monkeypatch, node)
+    cfg = AuditJobConfig()
+    cfg.runtime.gpus_per_worker, cfg.runtime.device = gpus_per_worker, "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", placing.PlacementWarning)  # the last case cannot place its actor
+        if gpus_per_worker > node["GPU"]:
+            with pytest.raises(placing.PlacementError):
+                placing.plan_placement(cfg)
+            return
+        placement = placing.plan_placement(cfg)
+    assert placement.actor_options["num_cpus"] == cpus
+    assert placement.decode_threads == threads
+    # Every actor fits beside the others: the reservations never exceed the node's CPUs.
+    assert placement.num_workers * cpus <= node["CPU"]
+
+
+def test_heterogeneous_gpu_nodes_reserve_what_the_smallest_share_allows(monkeypatch):
+    # One options dict for every actor and Ray picks the node: the reservation must fit on each GPU node;
+    # the CPU-only node does not count.
+    _nodes(monkeypatch, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 32.0, "GPU": 2.0}, {"CPU": 64.0})
+    placement = placing.plan_placement(AuditJobConfig())
+    assert (placement.num_workers, placement.actor_options["num_cpus"], placement.decode_threads) == (4, 3.0, 3)
+
+
+def test_explicit_decode_threads_keep_the_reservation_they_had(monkeypatch):
+    _cluster(monkeypatch, 16.0, gpus=2.0)
+    cfg = AuditJobConfig()
+    cfg.runtime.decode_threads = 5
+    placement = placing.plan_placement(cfg)
     assert placement.actor_options == {"num_gpus": 1.0, "num_cpus": 1.0}
+    assert placement.decode_threads == 5
+    _cluster(monkeypatch, 4.0)
+    cfg.runtime.decode_threads = 1  # CPU: one actor per (1 torch + 1 decode) CPUs
+    placement = placing.plan_placement(cfg)
+    assert (placement.device, placement.num_workers, placement.decode_threads) == ("cpu", 2, 1)
+
+
+def test_cpu_only_cluster_keeps_two_decode_threads_under_auto(monkeypatch):
+    _cluster(monkeypatch, 32.0, 32.0)
+    placement = placing.plan_placement(AuditJobConfig())
+    assert AuditJobConfig().runtime.decode_threads == "auto"
+    assert (placement.num_workers, placement.decode_threads, placement.actor_options["num_cpus"]) == (22, 2, 1.0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "many", None])
+def test_decode_threads_must_be_auto_or_a_positive_integer(bad):
+    from ssim_ray.config import RuntimeConfig
+
+    with pytest.raises(ValueError, match=r"runtime.decode_threads must be 'auto' or a positive integer"):
+        RuntimeConfig(decode_threads=bad)
+    assert RuntimeConfig(decode_threads=3).decode_threads == 3
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -87,7 +159,8 @@ def test_gpu_actors_fit_per_node_by_gpus_and_cpus(monkeypatch):
     _nodes(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})
     cfg = AuditJobConfig()
     cfg.runtime.gpus_per_worker = 0.6
-    with pytest.warns(placing.PlacementWarning, match=r"asks for 3 actors of 1 CPU \+ 0.6 GPU.*using 2"):
+    # decode_threads=auto: each node holds one such actor, which reserves (8 - 1) CPUs.
+    with pytest.warns(placing.PlacementWarning, match=r"asks for 3 actors of 7 CPU \+ 0.6 GPU.*using 2"):
         assert placing.plan_placement(cfg).num_workers == 2
     # Half a GPU each would fit twice on a node's GPU, but the node has one CPU for them.
     _nodes(monkeypatch, {"CPU": 1.0, "GPU": 1.0})

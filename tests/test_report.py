@@ -104,7 +104,9 @@ def test_every_number_shown_equals_summary_json(audit):
             assert number["digits"] == 6, number["key"]  # worst scores: as precise as the recomputed ones
         elif number["key"][-1] in ("pairs_per_second", "processing_seconds", "wall_seconds"):
             assert number["digits"] == 2, number["key"]
-        elif number["key"][0] in ("ssim", "groups") and not number["percent"]:
+        elif "psnr" in number["key"][:3]:
+            assert number["digits"] == 2, number["key"]  # dB to 0.01, as PSNR tables print them
+        elif number["key"][0] in ("ssim", "groups", "ms_ssim") and not number["percent"]:
             assert number["digits"] == 4, number["key"]
 
 
@@ -229,6 +231,28 @@ def test_cdfs_and_percentile_ranges_show_the_summary(audit):
     assert names[0] == "noise" and set(names) == set(plotted_groups(summary))
     medians = next(line for line in box.lines if line.get_label() == "median")
     assert medians.get_xdata().tolist() == [summary["groups"][n]["ssim"]["percentiles"]["p50"] for n in names]
+
+
+def test_psnr_and_ms_ssim_have_their_own_sections_plots_and_group_tables(audit):
+    """The run computed every metric: a PSNR section with its histogram, CDF and groups, and an MS-SSIM
+    section that says why it has no value (the 96x128 crops are too small for five scales)."""
+    _, _, page, summary = audit
+    assert '<a href="#psnr">PSNR</a><a href="#ms_ssim">MS-SSIM</a>' in page
+    psnr_html, ms_html = _section(page, "psnr"), _section(page, "ms_ssim")
+    assert page.index('<section id="groups">') < page.index('<section id="psnr">') < page.index('<section id="worst">')
+    keys = [n["key"] for n in _parse(psnr_html).numbers]
+    assert ["psnr", "mean"] in keys and ["psnr", "percentiles", "p50"] in keys and ["psnr", "infinite"] in keys
+    assert sum(1 for k in keys if k[0] == "groups" and k[2:] == ["psnr", "mean"]) == len(summary["groups"])
+    charts = _charts(summary)
+    bars = charts["psnr_histogram.png"].axes[0].patches
+    assert sum(int(b.get_height()) for b in bars) == summary["psnr"]["count"] == summary["pairs"]["ok"]
+    assert charts["psnr_histogram.png"].axes[0].get_xlabel() == "PSNR dB"
+    medians = next(line for line in charts["psnr_groups_box.png"].axes[0].lines if line.get_label() == "median")
+    names = [t.get_text() for t in charts["psnr_groups_box.png"].axes[0].get_yticklabels()]
+    assert medians.get_xdata().tolist() == [summary["groups"][n]["psnr"]["percentiles"]["p50"] for n in names]
+    assert summary["ms_ssim"]["undefined"] == {"too_small": summary["pairs"]["ok"]}
+    assert ["ms_ssim", "undefined", "too_small"] in [n["key"] for n in _parse(ms_html).numbers]
+    assert "too small for five scales" in ms_html and "ms_ssim_histogram.png" in ms_html
 
 
 def test_ssim_maps_use_a_reversed_perceptual_colormap_with_a_colour_bar():
