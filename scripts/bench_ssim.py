@@ -230,9 +230,9 @@ def parse_cases(text: str) -> list[tuple[int, int, str]]:
 def machine() -> str:
     import torch
 
-    from bench_machine import cpu_model
+    from bench_machine import cpu_model, vector_isa
 
-    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
+    return (f"{cpu_model()} ({vector_isa()}), {os.cpu_count()} cores, torch {torch.__version__}, load average "
             f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
 
 

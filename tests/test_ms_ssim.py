@@ -30,6 +30,7 @@ from ssim_ray.metric import (
     ms_ssim_from_terms,
     ms_ssim_nonpositive,
     ms_ssim_terms,
+    ms_ssim_terms_and_ssim,
     ms_ssim_too_small,
     ssim,
 )
@@ -211,3 +212,18 @@ def test_nan_input_is_refused_not_returned() -> None:
     y[1, 0, 5, 5] = float("nan")
     with pytest.raises(ValueError, match=r"y must be finite, got NaN or inf in batch item\(s\) \[1\]"):
         ms_ssim(x, y, data_range=1.0)
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.uint8, "fp32"), (torch.float32, "fp32"), (torch.uint8, "fp64")])
+def test_terms_and_ssim_from_one_pass_equal_ssim_and_terms_bitwise(dtype: torch.dtype, precision: str) -> None:
+    """ms_ssim_terms_and_ssim: MS-SSIM's first scale is SSIM's own computation, so a caller that reports both
+    pays for the full resolution once; its SSIM has ssim()'s bits and its terms ms_ssim_terms()'s, odd sizes
+    included (a different SSIM, e.g. from the cs map or another order, would differ in the last bits)."""
+    x, y, _ = pairs("chelsea", 181, 197, top=7, left=11)
+    x, y = x[:4].to(dtype), y[:4].to(dtype)
+    options = dict(data_range=None if dtype == torch.uint8 else 255.0, precision=precision, compile="never")
+    terms, full = ms_ssim_terms_and_ssim(x, y, crop_border=2, **options)
+    assert torch.equal(full, ssim(x, y, per_channel=True, crop_border=2, **options))
+    assert torch.equal(terms, ms_ssim_terms(x, y, crop_border=2, **options))
+    one_terms, one_full = ms_ssim_terms_and_ssim(x[1], y[1], **options)  # unbatched: (C, L) and (C,)
+    assert one_terms.shape == (3, 5) and torch.equal(one_full, ssim(x[1], y[1], per_channel=True, **options))

@@ -131,3 +131,20 @@ def test_downsample_keeps_batch_invariance() -> None:
     batched = ssim(x, y, downsample="wang", per_channel=True)
     alone = torch.cat([ssim(x[i : i + 1], y[i : i + 1], downsample="wang", per_channel=True) for i in range(3)])
     assert torch.equal(batched, alone)
+
+
+@pytest.mark.parametrize("f", [1, 2, 3, 4, 5, 7])
+def test_strided_box_decimation_equals_the_gather_bitwise(f: int) -> None:
+    """ssim.m's box filter and decimation by strided views equals the index_select definition to the bit,
+    odd sides and sides shorter than the window's mirror included (those fall back to the gather)."""
+    from ssim_ray.metric.window import _box_decimate, _box_decimate_gathered
+
+    rng = np.random.default_rng(f)
+    for side in (2, 3, 5, 8, 13, 64, 181):
+        img = torch.from_numpy(rng.random((2, 3, side, side + 4)) * 255).float()
+        for dim in (-2, -1):
+            try:
+                want = _box_decimate_gathered(img, f, dim % img.dim())
+            except IndexError:  # a window wider than twice the side: ssim.m's factor never asks for one
+                continue
+            assert torch.equal(_box_decimate(img, f, dim), want)

@@ -22,6 +22,7 @@ from ssim_ray.metric.multiscale import (
     ms_ssim_nonpositive,
     ms_ssim_settings,
     ms_ssim_terms,
+    ms_ssim_terms_and_ssim,
     ms_ssim_too_small,
 )
 from ssim_ray.metric.peak_snr import mse, psnr, psnr_from_mse, psnr_settings
@@ -31,5 +32,5 @@ from ssim_ray.metric.window import gaussian_window_1d, output_size, wang_downsam
 __all__ = ["COMPILE_POLICIES", "COVARIANCES", "KERNELS", "METRIC_NAME", "MS_SSIM_WEIGHTS", "MSSSIMUndefinedError",
            "NONPOSITIVE_TERM", "TOO_SMALL", "gaussian_window_1d", "kernel_in_use", "mean_over_channels",
            "metric_settings", "ms_ssim", "ms_ssim_db", "ms_ssim_from_terms", "ms_ssim_nonpositive",
-           "ms_ssim_settings", "ms_ssim_terms", "ms_ssim_too_small", "mse", "output_size", "psnr", "psnr_from_mse",
+           "ms_ssim_settings", "ms_ssim_terms", "ms_ssim_terms_and_ssim", "ms_ssim_too_small", "mse", "output_size", "psnr", "psnr_from_mse",
            "psnr_settings", "ssim", "wang_downsample_factor"]

@@ -30,7 +30,7 @@ import torch
 from ssim_ray.metric.tiles import (
     WANG,
     Chunk,
-    PlaneTiles,
+    PairTiles,
     TileVariant,
     chunk_buffer,
     eager_tile_sums,
@@ -76,8 +76,8 @@ class _CompiledTiles:
 
         taps, variant = self.taps, self.variant
 
-        def kernel(x, y, rows, cols, consts):
-            return tile_sums(x, y, rows, cols, consts, taps, variant)
+        def kernel(s, d, rows, cols, consts):
+            return tile_sums(s, d, rows, cols, consts, taps, variant)
 
         # torch.compile keeps its compiled variants on the function's code object, at most 8 of them; every
         # runner's `kernel` shares one code object, so (dtype, window, thread count) variants would add up
@@ -93,52 +93,51 @@ class _CompiledTiles:
     def call(self, chunk: Chunk, consts: torch.Tensor) -> torch.Tensor:
         return self.compiled(*chunk, consts)
 
-    def cut_and_call(self, x: PlaneTiles, y: PlaneTiles, rows, cols, start: int, consts: torch.Tensor) -> torch.Tensor:
-        """Cut tiles start .. start + per_call - 1 into this thread's buffers and run the kernel on them."""
+    def cut_and_call(self, tiles: PairTiles, rows, cols, start: int, consts: torch.Tensor) -> torch.Tensor:
+        """Form tiles start .. start + per_call - 1 in this thread's buffers and run the kernel on them."""
         buffers = _thread_buffers.__dict__.setdefault("by_key", {})
-        key = (self.per_call, x.tile_shape, x.dtype)
+        key = (self.per_call, tiles.tile_shape, tiles.dtype)
         if key not in buffers:
-            buffers[key] = (chunk_buffer(x, self.per_call), chunk_buffer(y, self.per_call))
-        x_buffer, y_buffer = buffers[key]
+            buffers[key] = (chunk_buffer(tiles, self.per_call), chunk_buffer(tiles, self.per_call))
+        s, d = tiles.chunk_into(*buffers[key], start, self.per_call)
         end = start + self.per_call
-        return self.call((x.chunk_into(x_buffer, start, self.per_call), y.chunk_into(y_buffer, start, self.per_call),
-                          rows[start:end], cols[start:end]), consts)
+        return self.call((s, d, rows[start:end], cols[start:end]), consts)
 
-    def compiled_sums(self, x: PlaneTiles, y: PlaneTiles, rows, cols, consts: torch.Tensor) -> List[torch.Tensor]:
+    def compiled_sums(self, tiles: PairTiles, rows, cols, consts: torch.Tensor) -> List[torch.Tensor]:
         threads = torch.get_num_threads()
-        starts = list(range(0, x.count, self.per_call))
+        starts = list(range(0, tiles.count, self.per_call))
         first = []
         if threads not in self.ready_for_threads:
             # torch.compile guards on the thread count: (re)compile here, one at a time.
             with _kernel_lock:
-                first = [self.cut_and_call(x, y, rows, cols, starts[0], consts)]
+                first = [self.cut_and_call(tiles, rows, cols, starts[0], consts)]
                 self.ready_for_threads.add(threads)
         rest = starts[len(first):]
-        return first + list(_pool(threads).map(lambda start: self.cut_and_call(x, y, rows, cols, start, consts), rest))
+        return first + list(_pool(threads).map(lambda start: self.cut_and_call(tiles, rows, cols, start, consts), rest))
 
     def uses_compiled(self, policy: str) -> bool:
         """Whether a call under `policy` runs the compiled kernel, as things stand."""
         return self.compiled is not None and policy != "never"
 
-    def sums(self, x, y, rows, cols, consts, *, policy: str) -> torch.Tensor:
+    def sums(self, tiles: PairTiles, rows, cols, consts, *, policy: str) -> torch.Tensor:
         """Tile sums: eager until compiling pays (per `policy`), compiled afterwards (same bits)."""
         with _kernel_lock:
             if self.wants_compile(policy):
                 self.compile()
         if not self.uses_compiled(policy):
             start = time.perf_counter()
-            out = eager_tile_sums(x, y, rows, cols, consts, self.taps, self.variant)
+            out = eager_tile_sums(tiles, rows, cols, consts, self.taps, self.variant)
             self.eager_seconds += time.perf_counter() - start
             return out
-        pad = -x.count % self.per_call  # the last call's empty tiles: extents 0, masked out
+        pad = -tiles.count % self.per_call  # the last call's empty tiles: extents 0, masked out
         rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
         try:
-            return join_sums(self.compiled_sums(x, y, rows, cols, consts), x.count)
+            return join_sums(self.compiled_sums(tiles, rows, cols, consts), tiles.count)
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             # e.g. no C++ compiler on this machine: said once, then the eager kernel (same bits)
             self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
-            return self.sums(x, y, rows, cols, consts, policy=policy)
+            return self.sums(tiles, rows, cols, consts, policy=policy)
 
 
 def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:
@@ -149,13 +148,14 @@ def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: T
         return _kernels[key]
 
 
-def torch_tile_sums(x: PlaneTiles, y: PlaneTiles, rows, cols, consts: torch.Tensor, taps: List[float], *,
+def torch_tile_sums(tiles: PairTiles, rows, cols, consts: torch.Tensor, taps: List[float], *,
                     policy: str, variant: TileVariant = WANG) -> torch.Tensor:
     """(K,) float64 tile sums by the torch path ((K, 2) with `variant.with_cs`): on CPU the runner of
     (dtype, window, variant) under `policy`.
 
     Args:
-        x, y, rows, cols: Tiles and their extents (`ssim_ray.metric.tiles.plane_tiles`, `tile_extents`).
+        tiles, rows, cols: A pair batch's tiles and their extents (`ssim_ray.metric.tiles.pair_tiles`,
+            `tile_extents`).
         consts: C1, C2 (and N / (N - 1) for sample covariance) in the compute dtype.
         taps: The window's taps in the compute dtype (`tiles.taps_in`).
         policy: 'auto', 'always' or 'never' (checked by the caller); only CPU tensors compile.
@@ -164,9 +164,10 @@ def torch_tile_sums(x: PlaneTiles, y: PlaneTiles, rows, cols, consts: torch.Tens
     Returns:
         The float64 sum of each tile's valid map (maps).
     """
-    if x.planes.device.type != "cpu":
-        return eager_tile_sums(x, y, rows, cols, consts, taps, variant)
-    return _runner(consts.dtype, taps, variant, (x.grid.rows, x.grid.cols)).sums(x, y, rows, cols, consts, policy=policy)
+    if tiles.x.device.type != "cpu":
+        return eager_tile_sums(tiles, rows, cols, consts, taps, variant)
+    return _runner(consts.dtype, taps, variant, (tiles.grid.rows, tiles.grid.cols)).sums(tiles, rows, cols, consts,
+                                                                                     policy=policy)
 
 
 def compiled_in_use(dtype: torch.dtype, taps: List[float], *, policy: str, variant: TileVariant = WANG) -> bool:

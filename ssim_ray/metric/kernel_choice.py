@@ -34,7 +34,7 @@ from ssim_ray.metric.tiles import (
     eager_tile_maps,
     pairwise_sum_last,
     plane_sums_in_order,
-    plane_tiles,
+    pair_tiles,
     stitch,
     taps_in,
     tile_extents,
@@ -177,14 +177,13 @@ def tile_means(
     consts = torch.tensor(values, dtype=dtype, device=x.device)
     planes = count * channels
     grid = tile_grid(height, width, win)
-    xt = plane_tiles(x.reshape(planes, height, width), grid, dtype)
-    yt = plane_tiles(y.reshape(planes, height, width), grid, dtype)
+    tiles = pair_tiles(x.reshape(planes, height, width), y.reshape(planes, height, width), grid, dtype)
     rows, cols = tile_extents(planes, grid, x.device)
     if return_map:  # diagnostic path: eager, same ops, so the same bits as the compiled sums
-        sums, tile_maps = eager_tile_maps(xt, yt, rows, cols, consts, taps, variant)
+        sums, tile_maps = eager_tile_maps(tiles, rows, cols, consts, taps, variant)
         ssim_map = stitch(tile_maps, planes, grid).reshape(count, channels, height - win + 1, -1)
     else:
-        sums, ssim_map = torch_tile_sums(xt, yt, rows, cols, consts, taps, policy=policy, variant=variant), None
+        sums, ssim_map = torch_tile_sums(tiles, rows, cols, consts, taps, policy=policy, variant=variant), None
     sums = plane_sums_in_order(sums, planes, grid).reshape(planes, -1, 2 if variant.with_cs else 1)
     plane_sums = pairwise_sum_last(sums.transpose(1, 2))
     # A tensor divisor: true division on every device (CUDA turns a scalar divisor into a reciprocal).

@@ -1,8 +1,8 @@
 """MS-SSIM as Wang, Simoncelli and Bovik (2003) and their `msssim.m` define it, and when it has no value.
 
 Owns `ms_ssim()`, its parts for callers that type undefined values per pair (`ms_ssim_terms()`,
-`ms_ssim_nonpositive()`, `ms_ssim_too_small()`, `ms_ssim_from_terms()`), `ms_ssim_db()` and
-`ms_ssim_settings()`.
+`ms_ssim_nonpositive()`, `ms_ssim_too_small()`, `ms_ssim_from_terms()`), `ms_ssim_terms_and_ssim()` (the
+terms and SSIM from one pass, for callers that report both), `ms_ssim_db()` and `ms_ssim_settings()`.
 
 The definition: at each of L = len(weights) scales the SSIM machinery of `ssim()` over the valid region
 (11x11 Gaussian, sigma 1.5, population moments) gives the mean contrast-structure term cs at scales 1..L-1
@@ -49,6 +49,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 TOO_SMALL = "too_small"
 NONPOSITIVE_TERM = "nonpositive_term"
 _WITH_CS = TileVariant(with_cs=True)
+_HALVE_ELEMENTS = 1 << 17  # pixels per block of the between-scale downsampling (cache-sized)
 
 
 class MSSSIMUndefinedError(ValueError):
@@ -111,18 +112,127 @@ def _check_levels(levels: object) -> int:
 
 
 def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels: int, window: torch.Tensor,
-                 k1: float, k2: float, dtype: torch.dtype, crop_border: int, policy: str) -> torch.Tensor:
-    """(n, C, levels) float64 terms of one checked same-shape batch that is large enough."""
-    x, y = crop_borders(x, crop_border).to(dtype), crop_borders(y, crop_border).to(dtype)
-    terms = []
+                 k1: float, k2: float, dtype: torch.dtype, crop_border: int,
+                 policy: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(n, C, levels) float64 terms of one checked same-shape batch that is large enough, and (n, C) float64
+    mean SSIM at scale 1 (`ssim()`'s own per-channel means with the same window and constants)."""
+    x, y = crop_borders(x, crop_border), crop_borders(y, crop_border)  # scale 1 reads the pixels as they are
+    terms, full_ssim = [], None
     for level in range(levels):
         means, _ = tile_means(x, y, policy=policy, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype,
                               variant=_WITH_CS)
         last = level == levels - 1
         terms.append(means[..., 0] if last else means[..., 1])
+        if level == 0:
+            full_ssim = means[..., 0]
         if not last:
-            x, y = wang_downsample(x, 2), wang_downsample(y, 2)
-    return torch.stack(terms, dim=-1)
+            x, y = _halve(x, dtype), _halve(y, dtype)
+    return torch.stack(terms, dim=-1), full_ssim
+
+
+def _halve(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`wang_downsample(images.to(dtype), 2)` a few planes at a time (the same bits: each plane on its own).
+
+    Whole-batch temporaries of a 16x3x256^2 batch are tens of MB each, and the pass was memory-bound: it took
+    as long as the SSIM of the batch; blocks of _HALVE_ELEMENTS stay in cache.
+    """
+    count, channels, height, width = images.shape
+    planes = images.reshape(count * channels, 1, height, width)
+    step = max(1, _HALVE_ELEMENTS // (height * width))
+    out = torch.empty((count * channels, 1, -(-height // 2), -(-width // 2)), dtype=dtype, device=images.device)
+    for start in range(0, count * channels, step):
+        out[start : start + step] = wang_downsample(planes[start : start + step].to(dtype), 2)
+    return out.reshape(count, channels, out.shape[-2], out.shape[-1])
+
+
+def _checked_terms(x: ImageInput, y: ImageInput, *, data_range: Optional[float], levels: int, win_size: int,
+                   sigma: float, k1: float, k2: float, precision: str, crop_border: int,
+                   compile: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`ms_ssim_terms` and the scale-1 SSIM per channel, both in caller order, in the output dtype."""
+    check_options(win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=True, downsample=None, precision=precision,
+                  crop_border=crop_border)
+    levels = _check_levels(levels)
+    check_choice("compile", compile, COMPILE_POLICIES)
+    batches = pair_batches(x, y)
+    value_range = resolve_data_range(batches.groups[0][1].dtype, data_range)  # one dtype per call
+    small = [(i, why) for indices, xb, _ in batches.groups
+             for why in [ms_ssim_too_small(xb.shape[-2], xb.shape[-1], levels=levels, win_size=win_size,
+                                           crop_border=crop_border)] if why for i in indices]
+    if small:
+        small.sort()
+        raise MSSSIMUndefinedError(TOO_SMALL, [i for i, _ in small], [f"pair {i}: {why}" for i, why in small])
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    window = gaussian_window_1d(win_size, sigma)
+    all_terms, all_ssim = [], []
+    with torch.autocast(device_type=batches.device.type, enabled=False):
+        for _, xb, yb in batches.groups:
+            if xb.shape[1] == 0:
+                raise ValueError(f"images must have at least one channel, got shape {tuple(xb.shape)}")
+            terms, full_ssim = _terms_batch(xb, yb, data_range=value_range, levels=levels, window=window,
+                                            k1=float(k1), k2=float(k2), dtype=dtype, crop_border=crop_border,
+                                            policy=compile)
+            terms, full_ssim = terms.to(dtype), full_ssim.to(dtype)
+            if not bool(torch.isfinite(terms).all()):
+                raise_non_finite(xb, yb, metric="MS-SSIM")
+            all_terms.append(terms)
+            all_ssim.append(full_ssim)
+    return in_caller_order(batches, all_terms), in_caller_order(batches, all_ssim)
+
+
+def ms_ssim_terms_and_ssim(
+    x: ImageInput,
+    y: ImageInput,
+    *,
+    data_range: Optional[float] = None,
+    levels: int = 5,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    precision: str = "fp32",
+    crop_border: int = 0,
+    compile: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`ms_ssim_terms()` and SSIM per channel from one pass: MS-SSIM's first scale is SSIM's own computation.
+
+    The scale-1 pass computes the SSIM map beside the cs map from the same subexpressions and sums both per
+    tile in the same order (`ssim_ray.metric.tiles`), so the SSIM returned here has exactly the bits of
+    `ssim(x, y, per_channel=True, ...)` with the same window, constants, precision and crop, a Gaussian
+    window, population moments, no downsampling and the torch kernel. A job that reports SSIM and MS-SSIM
+    calls this instead of both: MS-SSIM then costs its coarser scales only (about a third of SSIM's time)
+    instead of a second full-resolution pass.
+
+    Args:
+        x: Reference image(s) in any form `ssim()` takes (a tensor batch or a ragged list).
+        y: Distorted image(s), same form.
+        data_range: L; None only for uint8/uint16 (the dtype's maximum). Never inferred.
+        levels: Scales L.
+        win_size: Gaussian window taps (odd).
+        sigma: Gaussian standard deviation.
+        k1: Luminance constant.
+        k2: Contrast constant.
+        precision: 'fp32'/'amp' (float32 pixels, moments and maps, float64 sums) or 'fp64'.
+        crop_border: Pixels removed from each side first.
+        compile: The CPU kernel's compile policy, as in `ssim()` (speed only: the same bits).
+
+    Returns:
+        (terms, ssim_per_channel): (N, C, levels) as `ms_ssim_terms` returns them and (N, C) SSIM per
+        channel, float32 (float64 for 'fp64'); (C, levels) and (C,) for one unbatched pair.
+
+    Raises:
+        MSSSIMUndefinedError: Some images are too small for MS-SSIM (reason TOO_SMALL; checked before any
+            work). A caller that still wants their SSIM calls `ssim()` for those.
+        TypeError, ValueError: Invalid input or options, as `ssim()` says; NaN or inf in the input.
+
+    Example:
+        >>> from ssim_ray.metric import ssim
+        >>> x = torch.arange(200 * 200, dtype=torch.float32).reshape(1, 1, 200, 200) % 97
+        >>> terms, full = ms_ssim_terms_and_ssim(x, x.flip(-1), data_range=96.0, compile="never")
+        >>> bool(torch.equal(full, ssim(x, x.flip(-1), data_range=96.0, per_channel=True, compile="never")))
+        True
+    """
+    return _checked_terms(x, y, data_range=data_range, levels=levels, win_size=win_size, sigma=sigma, k1=k1,
+                          k2=k2, precision=precision, crop_border=crop_border, compile=compile)
 
 
 def ms_ssim_terms(
@@ -166,31 +276,8 @@ def ms_ssim_terms(
         >>> ms_ssim_terms(x, x.flip(-1), data_range=96.0, compile="never").shape
         torch.Size([1, 1, 5])
     """
-    check_options(win_size=win_size, sigma=sigma, k1=k1, k2=k2, gaussian=True, downsample=None, precision=precision,
-                  crop_border=crop_border)
-    levels = _check_levels(levels)
-    check_choice("compile", compile, COMPILE_POLICIES)
-    batches = pair_batches(x, y)
-    value_range = resolve_data_range(batches.groups[0][1].dtype, data_range)  # one dtype per call
-    small = [(i, why) for indices, xb, _ in batches.groups
-             for why in [ms_ssim_too_small(xb.shape[-2], xb.shape[-1], levels=levels, win_size=win_size,
-                                           crop_border=crop_border)] if why for i in indices]
-    if small:
-        small.sort()
-        raise MSSSIMUndefinedError(TOO_SMALL, [i for i, _ in small], [f"pair {i}: {why}" for i, why in small])
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    window = gaussian_window_1d(win_size, sigma)
-    results = []
-    with torch.autocast(device_type=batches.device.type, enabled=False):
-        for _, xb, yb in batches.groups:
-            if xb.shape[1] == 0:
-                raise ValueError(f"images must have at least one channel, got shape {tuple(xb.shape)}")
-            terms = _terms_batch(xb, yb, data_range=value_range, levels=levels, window=window, k1=float(k1),
-                                 k2=float(k2), dtype=dtype, crop_border=crop_border, policy=compile).to(dtype)
-            if not bool(torch.isfinite(terms).all()):
-                raise_non_finite(xb, yb, metric="MS-SSIM")
-            results.append(terms)
-    return in_caller_order(batches, results)
+    return _checked_terms(x, y, data_range=data_range, levels=levels, win_size=win_size, sigma=sigma, k1=k1,
+                          k2=k2, precision=precision, crop_border=crop_border, compile=compile)[0]
 
 
 def ms_ssim_nonpositive(terms: torch.Tensor) -> Dict[int, str]:

@@ -142,8 +142,31 @@ def _box_decimate(img: torch.Tensor, f: int, dim: int) -> torch.Tensor:
 
     MATLAB's `imfilter(img, ones(f)/f^2, 'symmetric', 'same')` puts the kernel origin at floor((f+1)/2)
     (1-based), so output i (0-based) covers inputs f*i + u for u in [1 - origin, f - origin]; 'symmetric'
-    mirrors with the edge pixel repeated (index -1 reads 0, index n reads n - 1).
+    mirrors with the edge pixel repeated (index -1 reads 0, index n reads n - 1). The mirrored samples are
+    put beside the image once, so that each term is a strided view (index_select's gather along the last
+    dimension cost as much as a whole SSIM pass); the terms are added in the same order either way.
     """
+    dim = dim % img.dim()
+    n = img.shape[dim]
+    origin = (f + 1) // 2
+    before, after = origin - 1, f - origin  # how far the window reaches on each side of its output sample
+    count = -(-n // f)
+    past_end = max(0, (count - 1) * f + after + 1 - n)
+    if before > n or past_end > n:  # a mirror of a mirror: the gather below is the plain definition
+        return _box_decimate_gathered(img, f, dim)
+    pieces = [img.narrow(dim, 0, before).flip(dim), img, img.narrow(dim, n - past_end, past_end).flip(dim)]
+    padded = img if before == past_end == 0 else torch.cat([p for p in pieces if p.shape[dim]], dim)
+    total = None
+    for u in range(-before, after + 1):
+        index = [slice(None)] * img.dim()
+        index[dim] = slice(before + u, before + u + (count - 1) * f + 1, f)
+        part = padded[tuple(index)]
+        total = part if total is None else total + part
+    return total
+
+
+def _box_decimate_gathered(img: torch.Tensor, f: int, dim: int) -> torch.Tensor:
+    """`_box_decimate` by index_select: the definition, for images shorter than the window's mirror."""
     n = img.shape[dim]
     origin = (f + 1) // 2
     starts = torch.arange(0, n, f, device=img.device)
