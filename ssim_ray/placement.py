@@ -2,7 +2,10 @@
 
 One actor per GPU (or per `runtime.gpus_per_worker`); on CPU-only clusters, unless `runtime.num_workers`
 is set, `cpu_actors` per node, spread over the nodes. Each actor runs `cpus_per_worker` torch threads and
-`runtime.decode_threads` decode threads.
+`actor_decode_threads` fetch-and-decode threads: with `runtime.decode_threads=auto` (the default) a GPU actor
+reserves and decodes on its node's CPUs divided among the node's GPU actors (`gpu_actor_cpus`), a CPU actor
+keeps `CPU_DECODE_THREADS`; an integer is used as given. This module is the one home of that rule
+(scripts/scale_on_paper.py imports it).
 
 Never more actors than the alive nodes can hold: an actor Ray cannot place waits forever for resources,
 so the count is reduced to what fits node by node (`actors_that_fit`), with a `PlacementWarning` naming
@@ -15,7 +18,7 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import ray
 
@@ -25,6 +28,14 @@ from ssim_ray.config import AuditJobConfig
 # Tolerance when dividing a node's resources by an actor's: 0.1 CPU ten times must fit in 1 CPU.
 _FIT_EPSILON = 1e-9
 _RESOURCE_UNITS = (("CPU", "num_cpus"), ("GPU", "num_gpus"))
+# CPUs of each node not handed to GPU actors under decode_threads=auto: Ray's own processes (raylet, object
+# manager, log monitor; GCS and the driver on the head) and the part-file writes need a core, and a
+# decode thread that shares one with them is descheduled at random, stalling its actor's ordered stream.
+RAY_RESERVE_CPUS = 1
+# Decode threads of an actor under decode_threads=auto on a CPU-only cluster (the rule before `auto`): a
+# CPU actor keeps 1 torch thread and 2 decode threads busy (decoding a pair costs about twice its SSIM),
+# see cpu_actors. Also the least a GPU actor gets: fetches that wait on storage overlap with decoding.
+CPU_DECODE_THREADS = 2
 
 
 class PlacementWarning(UserWarning):
@@ -44,6 +55,7 @@ class Placement:
     actor_options: Dict[str, Any]
     torch_threads: int
     memory_share: float
+    decode_threads: int = CPU_DECODE_THREADS  # fetch-and-decode threads of each actor (WorkerSpec.decode_threads)
 
 
 def connect_ray(address: Optional[str]) -> bool:
@@ -65,8 +77,10 @@ def plan_placement(cfg: AuditJobConfig) -> Placement:
     """Device, actor count and resources: one actor per GPU (or `gpus_per_worker`), else CPU actors.
 
     CPU actors, unless `runtime.num_workers` is set: `cpu_actors` per node, spread over the nodes. Each runs
-    `cpus_per_worker` torch threads and `decode_threads` decode threads. The count is then reduced to what
-    the alive nodes can place (`fit_to_cluster`).
+    `cpus_per_worker` torch threads and `actor_decode_threads` decode threads. A GPU actor under
+    `runtime.decode_threads=auto` reserves `min_gpu_actor_cpus` CPUs and decodes on as many threads; with
+    an integer it reserves `cpus_per_worker` CPUs, as before `auto`. The count is then reduced to what the
+    alive nodes can place (`fit_to_cluster`).
 
     Raises:
         RuntimeError: `runtime.device=cuda` on a cluster without GPUs.
@@ -83,19 +97,25 @@ def plan_placement(cfg: AuditJobConfig) -> Placement:
         if gpus <= 0:
             raise RuntimeError("runtime.device=cuda, but the Ray cluster reports no GPU")
         requested = runtime.num_workers or max(1, int(gpus // runtime.gpus_per_worker))
-        options = {"num_gpus": runtime.gpus_per_worker, "num_cpus": runtime.cpus_per_worker}
+        cpus = runtime.cpus_per_worker
+        if runtime.decode_threads == "auto":
+            cpus = min_gpu_actor_cpus(nodes, gpus_per_worker=runtime.gpus_per_worker,
+                                      cpus_per_worker=runtime.cpus_per_worker)
+        options = {"num_gpus": runtime.gpus_per_worker, "num_cpus": cpus}
         num_workers = fit_to_cluster(requested, options, nodes, asked=_asked(runtime.num_workers, "one per GPU"))
         share = min(1.0, runtime.gpus_per_worker)
     else:
         node_cpus = [node["CPU"] for node in nodes if node.get("CPU")]
+        cpu_decode = actor_decode_threads(runtime.decode_threads, device="cpu")
         requested = runtime.num_workers or cpu_actors(node_cpus, torch_threads=torch_threads,
-                                                      decode_threads=runtime.decode_threads)
+                                                      decode_threads=cpu_decode)
         # Spread over the nodes: Ray's default packs actors onto one node until half its CPUs are taken.
         options = {"num_cpus": runtime.cpus_per_worker, "scheduling_strategy": "SPREAD"}
-        asked = _asked(runtime.num_workers, f"one per {torch_threads + runtime.decode_threads} CPUs of each node")
+        asked = _asked(runtime.num_workers, f"one per {torch_threads + cpu_decode} CPUs of each node")
         num_workers = fit_to_cluster(requested, options, nodes, asked=asked)
         share = 1.0 / max(1, math.ceil(num_workers / max(1, len(node_cpus))))
-    return Placement(device, num_workers, options, torch_threads, share)
+    threads = actor_decode_threads(runtime.decode_threads, device=device, reserved_cpus=options["num_cpus"])
+    return Placement(device, num_workers, options, torch_threads, share, threads)
 
 
 def alive_node_resources() -> List[Dict[str, float]]:
@@ -185,18 +205,93 @@ def fit_to_cluster(requested: int, options: Mapping[str, Any], nodes: Sequence[M
     return capacity
 
 
-def cpu_actors(node_cpus: List[float], *, torch_threads: int, decode_threads: int) -> int:
+def cpu_actors(node_cpus: List[float], *, torch_threads: int, decode_threads: Union[int, str]) -> int:
     """CPU actors for a cluster: on each node, one per (torch threads + decode threads) CPUs, rounded up.
 
     Each actor keeps torch_threads computing and decode_threads decoding; decoding a pair costs about twice
     its SSIM on one core (measured: 10 vs 4.9 ms for a 512² RGB pair), so with the default 1 + 2 threads
     every thread of an actor is busy and an actor fills about three cores. Fewer, fuller actors also pay
     fewer fixed costs (start-up, the kernel's compilation): on 2 cores one actor scored 2,048 pairs with
-    15.4 ms of CPU per pair, two actors (one per core, the earlier rule) with 18.5.
+    15.4 ms of CPU per pair, two actors (one per core, the earlier rule) with 18.5. `decode_threads` is an
+    integer or "auto" (`actor_decode_threads` on CPU: `CPU_DECODE_THREADS`).
 
     Example:
-        >>> cpu_actors([2.0], torch_threads=1, decode_threads=2), cpu_actors([32.0, 32.0], torch_threads=1, decode_threads=2)
+        >>> cpu_actors([2.0], torch_threads=1, decode_threads=2), cpu_actors([32.0, 32.0], torch_threads=1, decode_threads="auto")
         (1, 22)
     """
-    threads = max(1, torch_threads + decode_threads)
+    threads = max(1, torch_threads + actor_decode_threads(decode_threads, device="cpu"))
     return max(1, sum(math.ceil(cpus / threads) for cpus in node_cpus))
+
+
+def gpu_actor_cpus(node_cpus: float, node_gpus: float, *, gpus_per_worker: float, cpus_per_worker: float) -> float:
+    """CPUs a GPU actor on this node reserves under `runtime.decode_threads=auto`.
+
+    The node's CPUs less `RAY_RESERVE_CPUS`, divided among the GPU actors the node holds, rounded down,
+    and never below `cpus_per_worker` (the reservation before `auto`). Decoding a 512² RGB pair costs ~10 ms
+    of a core, so one reserved CPU fed a GPU actor ~100 pairs/s whatever the GPU could score; it is now fed
+    by as many cores as its node can give it.
+
+    Args:
+        node_cpus: the node's CPUs (Ray's `CPU` resource).
+        node_gpus: the node's GPUs.
+        gpus_per_worker: GPUs per actor (`runtime.gpus_per_worker`).
+        cpus_per_worker: the least an actor reserves (`runtime.cpus_per_worker`).
+
+    Returns:
+        CPUs per GPU actor, or 0.0 for a node that holds no GPU actor.
+
+    Example:
+        >>> gpu_actor_cpus(8, 2, gpus_per_worker=1, cpus_per_worker=1), gpu_actor_cpus(96, 8, gpus_per_worker=1, cpus_per_worker=1)
+        (3.0, 11.0)
+        >>> gpu_actor_cpus(8, 8, gpus_per_worker=1, cpus_per_worker=1), gpu_actor_cpus(64, 0, gpus_per_worker=1, cpus_per_worker=1)
+        (1.0, 0.0)
+    """
+    actors = math.floor(node_gpus / gpus_per_worker + _FIT_EPSILON)
+    if actors < 1:
+        return 0.0
+    share = math.floor((node_cpus - RAY_RESERVE_CPUS) / actors + _FIT_EPSILON)
+    return float(max(cpus_per_worker, share))
+
+
+def min_gpu_actor_cpus(nodes: Sequence[Mapping[str, float]], *, gpus_per_worker: float, cpus_per_worker: float) -> float:
+    """One CPU reservation for every GPU actor: the smallest `gpu_actor_cpus` over the nodes with GPUs.
+
+    All actors share one set of Ray options and Ray picks their nodes, so the reservation must fit on the
+    GPU node with the fewest CPUs per GPU actor; larger GPU nodes keep the rest idle (or for other work).
+    Nodes without a GPU actor do not count.
+
+    Example:
+        >>> min_gpu_actor_cpus([{"CPU": 8.0, "GPU": 2.0}, {"CPU": 32.0, "GPU": 2.0}, {"CPU": 64.0}],
+        ...                    gpus_per_worker=1.0, cpus_per_worker=1.0)
+        3.0
+    """
+    shares = [gpu_actor_cpus(node.get("CPU", 0.0), node.get("GPU", 0.0), gpus_per_worker=gpus_per_worker,
+                             cpus_per_worker=cpus_per_worker) for node in nodes]
+    return min((share for share in shares if share > 0), default=float(cpus_per_worker))
+
+
+def actor_decode_threads(setting: Union[int, str], *, device: str, reserved_cpus: float = 1.0) -> int:
+    """Fetch-and-decode threads of one actor, from `runtime.decode_threads`.
+
+    An integer is used as given. `auto`: a GPU actor decodes on every CPU it reserved (its main thread
+    mostly waits for decoded pairs and the GPU), but never on fewer than `CPU_DECODE_THREADS`; a CPU actor
+    keeps `CPU_DECODE_THREADS` beside its torch thread (the rule `cpu_actors` sizes the actors by).
+    Threads rather than processes or decode actors: Pillow releases the GIL while it decodes, and pixels
+    then need no copy between processes (docs/ARCHITECTURE.md, "Decode capacity", has the measurements).
+
+    Args:
+        setting: a positive integer, or "auto".
+        device: "cuda" or "cpu": the actor's device.
+        reserved_cpus: the CPUs the actor reserves (its `num_cpus`).
+
+    Example:
+        >>> actor_decode_threads("auto", device="cuda", reserved_cpus=11.0), actor_decode_threads("auto", device="cpu")
+        (11, 2)
+        >>> actor_decode_threads(5, device="cuda", reserved_cpus=1.0)
+        5
+    """
+    if setting != "auto":
+        return int(setting)
+    if device == "cuda":
+        return max(CPU_DECODE_THREADS, int(reserved_cpus))
+    return CPU_DECODE_THREADS

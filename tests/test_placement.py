@@ -183,3 +183,52 @@ def test_a_placement_that_fits_says_nothing(monkeypatch, recwarn):
     cfg.runtime.num_workers = 8
     assert placing.plan_placement(cfg).num_workers == 8
     assert not [w for w in recwarn if issubclass(w.category, placing.PlacementWarning)]
+
+
+def test_scale_on_paper_takes_decode_capacity_from_the_placement_rule(monkeypatch):
+    """scripts/scale_on_paper.py imports the rule: changing it in placement.py changes the script's node."""
+    import argparse
+    import runpy
+
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "scale_on_paper.py"), run_name="scale_on_paper")
+    args = script["parse_args"](["--decode-ms", "10", "--cpu-ssim-ms", "5", "--dispatch-ms", "1",
+                                 "--cores-per-node", "96", "--gpus-per-node", "8"])
+    assert isinstance(args, argparse.Namespace)
+    threads = placing.actor_decode_threads(
+        "auto", device="cuda", reserved_cpus=placing.gpu_actor_cpus(96, 8, gpus_per_worker=1, cpus_per_worker=1))
+    rate, layout = script["node_decode"](args, gpu=True)
+    assert rate == pytest.approx(8 * threads * 1e3 / 10)
+    assert f"8 GPU actors x {threads} decode threads" in layout
+    monkeypatch.setattr(placing, "RAY_RESERVE_CPUS", 17)  # (96 - 17) // 8 = 9 threads per actor
+    assert script["node_decode"](args, gpu=True)[0] == pytest.approx(8 * 9 * 1e3 / 10)
+    args.gil_cores = 4.0  # one actor's threads capped by the GIL
+    assert script["node_decode"](args, gpu=True)[0] == pytest.approx(8 * 4 * 1e3 / 10)
+
+
+def test_scale_on_paper_models_the_merge_from_the_measured_costs_and_the_merge_rules():
+    """The merge model reads scripts/merge_costs.json (bench_merge.py's fit) and the merge's own block rule."""
+    import json
+    import runpy
+
+    from pathlib import Path
+
+    from ssim_ray.output.merge import SINGLE_FILE_MAX_ROWS, block_rows_for
+
+    scripts = Path(__file__).parents[1] / "scripts"
+    script = runpy.run_path(str(scripts / "scale_on_paper.py"), run_name="scale_on_paper")
+    costs = json.loads((scripts / "merge_costs.json").read_text())
+    model = script["MergeModel"].from_costs(costs)
+    rows, parts = 100_000_000, 390_625
+    assert rows > SINGLE_FILE_MAX_ROWS
+    blocks = rows / block_rows_for(rows)
+    seconds, how = model.seconds(rows=rows, parts=parts, cpus=4096)
+    task = costs["ray_task_work"]
+    expected = (costs["ray_start_s"] + parts * costs["ray_driver_file"]["per_part_s"]
+                + rows * costs["ray_driver_folder_per_row_s"]
+                + (parts * task["per_part_s"] + rows * (task["per_row_s"] + costs["folder_task_extra_per_row_s"])) / blocks)
+    assert seconds == pytest.approx(expected) and "a folder of files" in how
+    one_process = parts * costs["one_process_merge"]["per_part_s"] + rows * costs["one_process_merge"]["per_row_s"]
+    assert seconds < one_process  # the parallel merge is the faster one on a cluster
+    assert model.seconds(rows=rows, parts=parts, cpus=2)[0] > seconds  # and it uses the cluster's CPUs

@@ -37,7 +37,7 @@ NODES, CPUS_PER_NODE, GPUS_PER_NODE = 2, 8, 2
 
 @pytest.fixture(scope="module")
 def fake_gpu_cluster():
-    node = {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE, "node_ip_address": "127.0.0.1"}
+    node = {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     for _ in range(NODES - 1):
         cluster.add_node(**node)
