@@ -207,8 +207,9 @@ class ShardDispatcher:
             self.retired.add(index)
             self.never_ran.update(self.per_actor[index])
             ray.kill(self.actors[index], no_restart=True)
-            print(f"[ssim_ray] actor {index}: Ray has not started it (no node with its resources free); its "
-                  f"{len(self.per_actor[index])} shard(s) go to the other actors", file=sys.stderr)
+            print(f"[ssim_ray] actor {index}: Ray has not started it yet (still starting, or no node has its "
+                  f"resources free) while the others have room; its {len(self.per_actor[index])} shard(s) go to the "
+                  f"other actors", file=sys.stderr)
 
     def stall_report(self, stall_limit: float) -> str:
         """What waits where when nothing finishes: the driver's queue, each actor's shards or its state.

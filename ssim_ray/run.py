@@ -25,11 +25,12 @@ import ray.exceptions
 from ssim_ray import preflight, sources
 from ssim_ray.config import AuditJobConfig
 from ssim_ray.dispatch import ShardDispatcher, describe_error
+from ssim_ray.merge_tasks import merge_output
 from ssim_ray.output import gates
 from ssim_ray.output.claim import OutputClaim
 from ssim_ray.output.commit import ShardCommit, scan_shards
 from ssim_ray.output.inputs import LISTED_PAIRS, InputCheck, summarize_checks
-from ssim_ray.output.merge import RunInfo, merge
+from ssim_ray.output.merge import RunInfo
 from ssim_ray.output.resume import check_commits, check_manifest, check_resume_compatible, run_manifest
 from ssim_ray.output.schema import RESULT_COLUMNS
 from ssim_ray.output.stamps import CommitStamp, metric_digest, new_run_id
@@ -58,6 +59,7 @@ class RunOutcome:
     failed_attempts: Dict[str, int] = dataclasses.field(default_factory=dict)
     actor_peak_rss_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
     actor_cpu_seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+    report_written: bool = False
 
 
 def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement, *, expected_pairs: int = 0,
@@ -71,10 +73,11 @@ def _worker_spec(cfg: AuditJobConfig, output_url: str, placement: Placement, *, 
         output_storage_options=dict(cfg.output.storage_options),
         device=placement.device,
         torch_threads=placement.torch_threads,
-        decode_threads=cfg.runtime.decode_threads,
+        decode_threads=placement.decode_threads,
         memory_share=placement.memory_share,
         expected_pairs=expected_pairs,
         stamp=stamp,
+        metrics=cfg.chosen_metrics(),
     )
 
 
@@ -117,7 +120,7 @@ def _run_info(cfg, plan, computed: List[ShardResult], resumed: int, wall: Option
         if devices:
             device = ", ".join(devices)
     return RunInfo(
-        metric=cfg.ssim.describe(),
+        metric=cfg.describe_metric(),
         plan_fingerprint=plan.fingerprint,
         total_pairs=plan.total_pairs,
         source=dataclasses.asdict(cfg.source),
@@ -158,7 +161,7 @@ def _claimed(cfg: AuditJobConfig, output_url: str, run_id: str, purpose: str) ->
 
 
 def _stamp(cfg: AuditJobConfig, plan: sources.Plan, run_id: str) -> CommitStamp:
-    return CommitStamp(plan.fingerprint, metric_digest(cfg.ssim.describe()), run_id)
+    return CommitStamp(plan.fingerprint, metric_digest(cfg.describe_metric()), run_id)
 
 
 @dataclasses.dataclass
@@ -214,7 +217,8 @@ def evaluate(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
         resumed = len(plan.shards) - len(work.todo) - len(work.redo)
         info = _run_info(cfg, plan, work.computed, resumed, time.time() - started, work.placement, run_id=run_id,
                          input_check=input_check)
-        outcome = finish(cfg, output_url=output_url, plan_shard_ids=plan_ids, run_info=info, expect=stamp)
+        outcome = finish(cfg, output_url=output_url, plan_shard_ids=plan_ids, run_info=info, expect=stamp,
+                         claim=claim)
     outcome.failed_attempts = work.attempts
     outcome.actor_peak_rss_bytes = _peak_rss(work.computed)
     outcome.actor_cpu_seconds = _cpu_seconds(work.computed)
@@ -233,7 +237,8 @@ def _run_actors(cfg: AuditJobConfig, plan: sources.Plan, work: _Work, output_url
         spec = _worker_spec(cfg, output_url, placement, expected_pairs=expected, stamp=stamp)
         actor_class = ray.remote(ShardWorker).options(max_restarts=-1, max_task_retries=0, **placement.actor_options)
         actors = [actor_class.remote(spec) for _ in range(num_actors)]
-        print(f"[ssim_ray] {len(actors)} {placement.device} actor(s) {placement.actor_options}", file=sys.stderr)
+        print(f"[ssim_ray] {len(actors)} {placement.device} actor(s) {placement.actor_options}, "
+              f"{placement.decode_threads} decode threads each", file=sys.stderr)
         if work.verify:
             work.checks = _verify_inputs(actors, work.verify, work.commits, cfg.runtime.stall_timeout_s)
             _report_changes(work.checks)
@@ -301,18 +306,14 @@ def _report_changes(checks: Sequence[InputCheck]) -> None:
 
 
 def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], run_info,
-           expect: Optional[CommitStamp] = None) -> RunOutcome:
-    """Merge committed shards into ssim.parquet + summary.json (idempotent), report, and apply the gates."""
+           expect: Optional[CommitStamp] = None, claim: Optional[OutputClaim] = None) -> RunOutcome:
+    """Merge committed shards into ssim.parquet + summary.json (idempotent), report, and apply the gates.
+
+    The merge (`merge_tasks.merge_output`: Ray tasks for large outputs) checks `claim` before it publishes.
+    """
     storage_options = dict(cfg.output.storage_options)
-    summary = merge(
-        output_url,
-        plan_shard_ids=plan_shard_ids,
-        run_info=run_info,
-        summary_cfg=cfg.summary,
-        storage_options=storage_options,
-        audit_cfg=cfg.audit,
-        expect=expect,
-    )
+    summary = merge_output(cfg, output_url=output_url, plan_shard_ids=plan_shard_ids, run_info=run_info,
+                           expect=expect, claim=claim)
     if cfg.report.enabled:
         made = make_report(
             output_url, report_cfg=cfg.report, storage_options=storage_options,
@@ -322,7 +323,8 @@ def finish(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: List[str], r
     violations = gates.evaluate_gates(summary, cfg.audit)
     for violation in violations:
         print(f"[ssim_ray] GATE FAILED ({violation.exit_code}): {violation.message}", file=sys.stderr)
-    return RunOutcome(summary=summary, exit_code=gates.exit_code(violations), output_url=output_url)
+    return RunOutcome(summary=summary, exit_code=gates.exit_code(violations), output_url=output_url,
+                      report_written=cfg.report.enabled)
 
 
 def merge_only(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
@@ -350,7 +352,8 @@ def merge_only(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
         resumed = sum(1 for shard_id in plan_ids if shard_id in commits)
         info = _run_info(cfg, plan, [], resumed, None, None, run_id=run_id)
         claim.ensure_held()
-        return finish(cfg, output_url=output_url, plan_shard_ids=plan_ids, run_info=info, expect=stamp)
+        return finish(cfg, output_url=output_url, plan_shard_ids=plan_ids, run_info=info, expect=stamp,
+                      claim=claim)
 
 
 def print_summary(outcome: RunOutcome, stream=None) -> None:
@@ -382,4 +385,5 @@ def print_summary(outcome: RunOutcome, stream=None) -> None:
     if inputs.get("shards_recomputed"):
         write(f"  inputs changed since scored: {inputs['pairs_changed']} pair(s), {inputs['shards_recomputed']} "
               f"shard(s) recomputed: {', '.join(inputs['changed_pair_ids'][:5])}")
-    write(f"  results: {outcome.output_url}/ssim.parquet, summary.json, report.html")
+    written = "ssim.parquet, summary.json" + (", report.html" if outcome.report_written else "")
+    write(f"  results: {outcome.output_url}/{written}")

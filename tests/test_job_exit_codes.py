@@ -70,3 +70,18 @@ def test_a_run_where_every_pair_failed_exits_with_the_failure_code(tmp_path, cap
     assert outcome.summary["status_counts"] == {"missing": 5}
     assert outcome.exit_code == EXIT_FAILURE_GATE
     assert "no pair is ok (5 pairs, all failed)" in capsys.readouterr().err
+
+
+def test_the_closing_summary_names_report_html_only_when_one_was_written():
+    import io
+
+    from ssim_ray.run import RunOutcome, print_summary
+
+    summary = {"run_id": "r", "status_counts": {"ok": 1}, "shards": {"total": 1, "computed": 1, "resumed": 0}}
+    lines = {}
+    for written in (False, True):
+        printed = io.StringIO()
+        print_summary(RunOutcome(summary=summary, exit_code=0, output_url="/out", report_written=written), printed)
+        lines[written] = next(line for line in printed.getvalue().splitlines() if "results:" in line)
+    assert lines[False].endswith("/out/ssim.parquet, summary.json")
+    assert lines[True].endswith("/out/ssim.parquet, summary.json, report.html")

@@ -29,7 +29,9 @@ def _peak_mib(dataset_root, manifest, out) -> float:
     outcome = evaluate(cfg, output_url=str(out))
     assert outcome.summary["complete"]
     peaks = outcome.actor_peak_rss_bytes
-    assert len(peaks) == 2
+    # Two actors are asked for; the dispatcher takes a shard back from one Ray has not started yet when the
+    # other has room (a small run may finish on one), so one or two report their peak.
+    assert 1 <= len(peaks) <= 2
     return max(peaks.values()) / 2**20
 
 

@@ -20,7 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ssim_ray"
 JOB_MODULES = {"ssim_ray.run", "ssim_ray.dispatch", "ssim_ray.placement", "ssim_ray.worker", "ssim_ray.batching",
-               "ssim_ray.progress", "ssim_ray.process_setup"}
+               "ssim_ray.progress", "ssim_ray.process_setup", "ssim_ray.merge_tasks"}
 ENV_WRITERS = {"ssim_ray.process_setup"}
 
 
@@ -175,3 +175,7 @@ def test_only_the_process_set_up_writes_the_environment():
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if _in(m, "ssim_ray.metric")))
 def test_the_metric_reads_no_environment_variable(name):
     assert _environ_uses(name) == []
+
+
+def test_compare_never_imports_the_audit_job():
+    assert _violations("ssim_ray.compare", lambda t: t in JOB_MODULES) == []
