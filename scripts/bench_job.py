@@ -6,12 +6,14 @@ One generated dataset (512x512 RGB crops of scikit-image's colour photographs, e
 reference and distorted eight ways: JPEG at four qualities kept as JPEG files, Gaussian noise, blur and
 a contrast change kept as PNG files; made once into a cache folder), the same cores, one run. Rows:
 
-- bounds: decode only (Pillow on a thread per core, both images of every pair), SSIM only (ssim_ray on
-  pre-decoded uint8 tensors, one process per core as the job's actors run it), and the combined bound
-  1 / (t_decode + t_ssim) per pair, where each t is the per-pair time on all cores;
-- the ssim_ray job (`run.evaluate` on a local Ray): pairs/s over its processing time (first shard
-  started to last committed, `throughput.pairs_per_second`) and over its whole wall time (planning, Ray
-  start-up, actors, merge, shutdown);
+- bounds: decode only (Pillow on a thread per core, both images of every pair), compute only (ssim_ray's
+  metrics on pre-decoded uint8 tensors, one process per core as the job's actors run them, in the job's
+  batches: the default metrics [ssim, psnr], and all three [ssim, psnr, ms_ssim]), and the combined bounds
+  1 / (t_decode + t_compute) per pair, where each t is the per-pair time on all cores;
+- the ssim_ray job (`run.evaluate` on a local Ray) with the default metrics and with all three: pairs/s
+  over its processing time (first shard started to last committed, `throughput.pairs_per_second`) and
+  over its whole wall time (planning, Ray start-up, actors, merge, shutdown); each against its own bound
+  (acceptance for all three: >= 0.8);
 - baselines as a competent user writes them: a plain loop (Pillow + scikit-image with Wang's
   settings), a PyTorch DataLoader with one worker per core + torchmetrics, and a Ray Data pipeline
   (read_parquet -> map_batches decode -> map_batches pytorch-msssim on an actor pool).
@@ -304,13 +306,31 @@ def decode_bound(rows: Sequence[Tuple[str, str, str]], cores: int) -> Outcome:
     return Outcome(len(rows))
 
 
-def _ssim_bound_worker(rows, passes: int, barrier, results) -> None:
-    """One core's share of the SSIM bound, in a process set up as a CPU actor is (ssim_ray.worker), in
+DEFAULT_METRICS = ("ssim", "psnr")
+ALL_METRICS = ("ssim", "psnr", "ms_ssim")
+
+
+def _score_batch(x, y, metrics: Sequence[str]) -> None:
+    """The metrics of one batch as an actor computes them at Wang's settings (ssim_ray.worker.ShardComputer.
+    _scores): the squared errors PSNR is made of; SSIM per channel, or with MS-SSIM both from one pass over
+    the first scale (`ms_ssim_terms_and_ssim`), then MS-SSIM's powers."""
+    from ssim_ray.metric import ms_ssim_from_terms, ms_ssim_terms_and_ssim, mse, ssim
+
+    if "psnr" in metrics:
+        mse(x, y, per_channel=True)
+    if "ms_ssim" in metrics:
+        terms, _ = ms_ssim_terms_and_ssim(x, y, compile="always")
+        ms_ssim_from_terms(terms, per_channel=True)
+    else:
+        ssim(x, y, per_channel=True, compile="always")
+
+
+def _ssim_bound_worker(rows, passes: int, barrier, results, metrics: Sequence[str] = DEFAULT_METRICS) -> None:
+    """One core's share of the compute bound, in a process set up as a CPU actor is (ssim_ray.worker), in
     batches of the size the job's CPU rule gives (batching.throughput_cap)."""
     import torch
 
     from ssim_ray.batching import bucket_key, throughput_cap
-    from ssim_ray.metric import ssim
     from ssim_ray.process_setup import configure_cpu_compute
 
     configure_cpu_compute(torch_threads=1)
@@ -320,17 +340,19 @@ def _ssim_bound_worker(rows, passes: int, barrier, results) -> None:
     batch = throughput_cap(torch.device("cpu"), bucket_key(x[0]))
     # compile="always", as an actor with a long queue runs: the bound is the compiled kernel's.
     for start in range(0, len(pairs), batch):  # warm-up: compiles the kernel, touches the memory
-        ssim(x[start : start + batch], y[start : start + batch], compile="always")
+        _score_batch(x[start : start + batch], y[start : start + batch], metrics)
     barrier.wait()
     began, cpu_began = time.perf_counter(), time.process_time()
     for _ in range(passes):
         for start in range(0, len(pairs), batch):
-            ssim(x[start : start + batch], y[start : start + batch], compile="always")
+            _score_batch(x[start : start + batch], y[start : start + batch], metrics)
     results.put((time.perf_counter() - began, time.process_time() - cpu_began))
 
 
-def ssim_bound(rows: Sequence[Tuple[str, str, str]], cores: int, *, passes: int) -> Outcome:
-    """ssim_ray on pre-decoded uint8 tensors, one process per core (1 torch thread each), timed together.
+def ssim_bound(rows: Sequence[Tuple[str, str, str]], cores: int, *, passes: int,
+               metrics: Sequence[str] = DEFAULT_METRICS) -> Outcome:
+    """ssim_ray's `metrics` on pre-decoded uint8 tensors, one process per core (1 torch thread each), timed
+    together.
 
     Each process decodes its share of `rows` untimed, warms the kernel up, waits for the others, then
     scores its share `passes` times. Seconds: the slowest process's.
@@ -338,7 +360,7 @@ def ssim_bound(rows: Sequence[Tuple[str, str, str]], cores: int, *, passes: int)
     context = mp.get_context("spawn")
     barrier, results = context.Barrier(cores), context.Queue()
     shares = [rows[i::cores] for i in range(cores)]
-    workers = [context.Process(target=_ssim_bound_worker, args=(share, passes, barrier, results))
+    workers = [context.Process(target=_ssim_bound_worker, args=(share, passes, barrier, results, tuple(metrics)))
                for share in shares]
     for worker in workers:
         worker.start()
@@ -364,7 +386,8 @@ def _override(cfg, dotted: str, value: str) -> None:
     setattr(target, key, parsed)
 
 
-def ssim_ray_job(manifest: Path, pairs: int, workdir: Path, *, pairs_per_shard: int, overrides=()) -> Outcome:
+def ssim_ray_job(manifest: Path, pairs: int, workdir: Path, *, pairs_per_shard: int, overrides=(),
+                 metrics: Sequence[str] = DEFAULT_METRICS) -> Outcome:
     """`run.evaluate` on a local Ray it starts itself; seconds: its processing time (first shard to last commit)."""
     from ssim_ray.config import AuditJobConfig, OutputConfig, SourceConfig
     from ssim_ray.run import evaluate
@@ -373,6 +396,7 @@ def ssim_ray_job(manifest: Path, pairs: int, workdir: Path, *, pairs_per_shard: 
     cfg = AuditJobConfig(
         source=SourceConfig(kind="parquet", url=str(manifest), pairs_per_shard=pairs_per_shard),
         output=OutputConfig(url=str(output)),
+        metrics=list(metrics),
     )
     cfg.report.enabled = False
     for dotted, value in overrides:
@@ -564,8 +588,7 @@ def _table_rows(key: str, c: Contender, job_rate: float, reference: Dict[str, fl
     return rows
 
 
-def _bound_cpu(contenders: Dict[str, Contender]) -> float:
-    return contenders["decode"].median("cpu_ms_per_pair") + contenders["ssim"].median("cpu_ms_per_pair")
+BOUND_METRICS = {"ssim": "[ssim, psnr]", "ssim3": "[ssim, psnr, ms_ssim]"}
 
 
 def print_table(contenders: Dict[str, Contender], pairs: int, cores: int) -> None:
@@ -581,20 +604,26 @@ def print_table(contenders: Dict[str, Contender], pairs: int, cores: int) -> Non
     for key, c in contenders.items():
         for row in _table_rows(key, c, job_rate, reference):
             print(row)
-        bounds = [contenders[k] for k in ("decode", "ssim") if k in contenders and contenders[k].results]
-        if key == "ssim" and len(bounds) == 2:
-            rate = 1 / sum(1 / b.median("rate") for b in bounds)
-            cpu = sum(b.median("cpu_ms_per_pair") for b in bounds)
-            print(f"| combined bound 1/(t_decode + t_ssim) | {_cells((rate, '.1f'), (job_rate / rate, '.2f'), (cpu, '.1f'))}"
-                  " |  |  |  |")
-    if all(contenders.get(k) and contenders[k].results for k in ("decode", "ssim")):
-        # Each round ran every contender once, back to back: its own ratio compares like with like when
-        # the load of the shared machine drifts between rounds.
-        per_round = [j.rate * (1 / d.rate + 1 / s.rate)
-                     for j, d, s in zip(job.results, contenders["decode"].results, contenders["ssim"].results)]
-        print(f"\njob ÷ combined bound, round by round: {', '.join(f'{r:.2f}' for r in per_round)} "
-              f"(median {statistics.median(per_round):.2f}); CPU: bound {_bound_cpu(contenders):.1f} ms/pair "
-              f"÷ job {job.median('cpu_ms_per_pair'):.1f} = {_bound_cpu(contenders) / job.median('cpu_ms_per_pair'):.2f}")
+        for compute in ("ssim", "ssim3"):
+            bounds = [contenders[k] for k in ("decode", compute) if k in contenders and contenders[k].results]
+            if key == compute and len(bounds) == 2:
+                rate = 1 / sum(1 / b.median("rate") for b in bounds)
+                cpu = sum(b.median("cpu_ms_per_pair") for b in bounds)
+                print(f"| combined bound 1/(t_decode + t_compute), {BOUND_METRICS[compute]} | "
+                      f"{_cells((rate, '.1f'), (job_rate / rate, '.2f'), (cpu, '.1f'))} |  |  |  |")
+    for job_key, compute in (("job", "ssim"), ("job3", "ssim3")):
+        if all(contenders.get(k) and contenders[k].results for k in ("decode", compute, job_key)):
+            # Each round ran every contender once, back to back: its own ratio compares like with like when
+            # the load of the shared machine drifts between rounds.
+            run, bound = contenders[job_key], contenders[compute]
+            per_round = [j.rate * (1 / d.rate + 1 / s.rate)
+                         for j, d, s in zip(run.results, contenders["decode"].results, bound.results)]
+            cpu = contenders["decode"].median("cpu_ms_per_pair") + bound.median("cpu_ms_per_pair")
+            print(f"\n{run.name} ÷ its combined bound ({BOUND_METRICS[compute]}), round by round: "
+                  f"{', '.join(f'{r:.2f}' for r in per_round)} (median {statistics.median(per_round):.2f}"
+                  + ("; acceptance >= 0.8" if job_key == "job3" else "")
+                  + f"); CPU: bound {cpu:.1f} ms/pair ÷ job {run.median('cpu_ms_per_pair'):.1f} = "
+                  f"{cpu / run.median('cpu_ms_per_pair'):.2f}")
     batches = [m.outcome.batch for m in job.results if m.outcome.batch]
     print(f"\njob batch size chosen by the probe: {sorted(set(batches))}. CPU ms/pair: the job's actors over "
           "processing (wall row: every process, start-up included); the SSIM bound's timed loops; otherwise every "
@@ -608,7 +637,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ssim_ray" / "bench_job")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="contenders to run: decode ssim job plain dataloader raydata (default: all)")
+                        help="contenders to run: decode ssim ssim3 job job3 plain dataloader raydata (default: all; "
+                             "the default job and its --job-variant runs always)")
     parser.add_argument("--pairs-per-shard", type=int, default=None,
                         help="default: what the job's parquet source uses (conf/source/parquet.yaml)")
     parser.add_argument("--job-variant", action="append", default=[],
@@ -629,13 +659,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def _contenders(args: argparse.Namespace, manifest: Path, rows, workdir: Path) -> Dict[str, Contender]:
     cores = args.cores
     sample = rows[: min(len(rows), 128 * cores)]  # pre-decoded pairs for the SSIM bound, scored in turn
-    job = lambda overrides: lambda: ssim_ray_job(  # noqa: E731
-        manifest, len(rows), workdir, pairs_per_shard=args.pairs_per_shard, overrides=overrides)
+    job = lambda overrides, metrics=DEFAULT_METRICS: lambda: ssim_ray_job(  # noqa: E731
+        manifest, len(rows), workdir, pairs_per_shard=args.pairs_per_shard, overrides=overrides, metrics=metrics)
+    passes = max(1, len(rows) // len(sample))
     contenders = {
         "decode": Contender("decode only: Pillow, one thread per core", lambda: decode_bound(rows, cores)),
-        "ssim": Contender("SSIM only: ssim_ray on decoded uint8, one process per core",
-                          lambda: ssim_bound(sample, cores, passes=max(1, len(rows) // len(sample)))),
-        "job": Contender("ssim_ray job (run.evaluate, local Ray)", job(())),
+        "ssim": Contender("compute only: ssim_ray [ssim, psnr] on decoded uint8, one process per core",
+                          lambda: ssim_bound(sample, cores, passes=passes)),
+        "ssim3": Contender("compute only: ssim_ray [ssim, psnr, ms_ssim] on decoded uint8, one process per core",
+                           lambda: ssim_bound(sample, cores, passes=passes, metrics=ALL_METRICS)),
+        "job": Contender("ssim_ray job (run.evaluate, local Ray), metrics [ssim, psnr]", job(())),
+        "job3": Contender("ssim_ray job, metrics [ssim, psnr, ms_ssim]", job((), ALL_METRICS)),
         "plain": Contender("plain loop: Pillow + skimage (Wang settings)", lambda: plain_loop(rows)),
         "dataloader": Contender(f"DataLoader ({cores} workers) + torchmetrics",
                                 lambda: dataloader_torchmetrics(rows, cores, batch=16)),
@@ -645,7 +679,7 @@ def _contenders(args: argparse.Namespace, manifest: Path, rows, workdir: Path) -
     for variant in args.job_variant:
         overrides = tuple(item.split("=", 1) for item in variant.split(","))
         contenders[f"job {variant}"] = Contender(f"ssim_ray job, {variant}", job(overrides))
-    chosen = [k for k in contenders if args.only is None or k in args.only or k.startswith("job")]
+    chosen = [k for k in contenders if args.only is None or k in args.only or k == "job" or k.startswith("job ")]
     return {k: contenders[k] for k in chosen}
 
 
@@ -663,7 +697,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     contenders = _contenders(args, manifest, rows, Path(tempfile.mkdtemp(prefix="bench_job-")))
     # The bounds and the job run back to back (about a minute) and the slow baselines after them, each
     # group's order rotated every round: the shared machine's load drifts less within a group.
-    groups = [[k for k in contenders if k in ("decode", "ssim") or k.startswith("job")],
+    groups = [[k for k in contenders if k in ("decode", "ssim", "ssim3") or k.startswith("job")],
               [k for k in contenders if k in ("plain", "dataloader", "raydata")]]
     for round_index in range(args.repeats):
         order = [k for g in groups for k in g[round_index % max(1, len(g)):] + g[: round_index % max(1, len(g))]]

@@ -86,6 +86,8 @@ def _result_table(manifest: pa.Table, shard_id: str, rng: np.random.Generator, p
                            for p, f in zip(manifest["distorted"].to_pylist(), failed)], pa.string()),
         "decoder": pa.array(np.full(n, "Pillow (synthetic)")), "shard_id": pa.array(np.full(n, shard_id)),
     }
+    # Columns this bench does not model (input versions, other metrics) are null, as a run without them writes.
+    columns = {f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in RESULT_SCHEMA}
     arrays = [pa.array(columns[f.name]).cast(f.type) if not isinstance(columns[f.name], pa.ChunkedArray)
               else columns[f.name].cast(f.type) for f in RESULT_SCHEMA]
     arrays += [manifest[name] for name in passthrough]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ssim_ray.metric import (
     COMPILE_POLICIES,
@@ -41,6 +41,14 @@ EXIF_ORIENTATION_POLICIES = ("error", "ignore", "apply")
 # 4000x4000 RGB, or every one of 64 pairs of 512x512 RGB, so the pair bound decides for ordinary images.
 DEFAULT_PREFETCH_BYTES = 512 * 2**20
 DEVICES = ("auto", "cpu", "cuda")
+# The metrics a job can compute from the same decoded pixels (`metrics: [...]`): each is a column of
+# ssim.parquet (output/schema.py) and a block of summary.json. SSIM is always computed (the worst pairs, the
+# report's maps and the status rules are SSIM's); PSNR is nearly free beside it (one pass of squared errors).
+METRIC_NAMES = ("ssim", "psnr", "ms_ssim")
+# How summaries, messages and the report name each metric, and the unit of its values.
+METRIC_LABELS = {"ssim": "SSIM", "psnr": "PSNR", "ms_ssim": "MS-SSIM"}
+METRIC_UNITS = {"ssim": "", "psnr": " dB", "ms_ssim": ""}
+DEFAULT_METRICS = ("ssim", "psnr")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -61,6 +69,29 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 def _in_range(name: str, value: Optional[float], low: float, high: float) -> None:
     if value is not None and not (_is_finite_number(value) and low <= value <= high):
         raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+
+def check_metrics(metrics: Any) -> Tuple[str, ...]:
+    """The job's `metrics` as a tuple in METRIC_NAMES order: known names, each once, `ssim` among them.
+
+    Raises:
+        ValueError: not a list of names, an unknown or repeated name, or `ssim` missing.
+
+    Example:
+        >>> check_metrics(["ms_ssim", "ssim"])
+        ('ssim', 'ms_ssim')
+    """
+    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
+        raise ValueError(f"metrics must be a list of names from {list(METRIC_NAMES)}, got {metrics!r}")
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"metrics must name only {list(METRIC_NAMES)}, got {list(metrics)} (unknown: {unknown})")
+    if len(set(metrics)) != len(metrics):
+        raise ValueError(f"metrics must name each metric once, got {list(metrics)}")
+    if "ssim" not in metrics:
+        raise ValueError(f"metrics must include ssim (always computed: worst pairs, maps and statuses are SSIM's), "
+                         f"got {list(metrics)}")
+    return tuple(m for m in METRIC_NAMES if m in metrics)
 
 
 @dataclass
@@ -235,7 +266,7 @@ class SSIMConfig:
                 "k1": self.k1, "k2": self.k2, "precision": self.precision, "crop_border": self.crop_border,
                 "compile": self.compile}
 
-    def describe(self) -> Dict[str, Any]:
+    def describe(self, metrics: Sequence[str] = DEFAULT_METRICS) -> Dict[str, Any]:
         """Every setting that changes a score: the metric block of both `_run.json` and `summary.json`.
 
         The named convention (`preset`), SSIM's own definition (`metric_settings`: name, window, constants,
@@ -258,7 +289,8 @@ class SSIMConfig:
         del ms_ssim_options["compile"]
         rule = ("from each file's bit depth: 255 for 8-bit, 65535 for 16-bit" if self.data_range == "auto"
                 else "fixed by ssim.data_range")
-        return {"preset": self.preset, **settings, "data_range_rule": rule, "color": self.color,
+        return {"preset": self.preset, **settings, "metrics": list(check_metrics(metrics)),
+                "data_range_rule": rule, "color": self.color,
                 "alpha": self.alpha, "kernel": kernel, "ms_ssim_weights": list(self.ms_ssim_weights),
                 "psnr": psnr_settings(**self.psnr_options(), data_range=self.data_range),
                 "ms_ssim": ms_ssim_settings(**ms_ssim_options, data_range=self.data_range)}
@@ -320,8 +352,11 @@ class RuntimeConfig:
 
     address: None starts a local Ray; `auto` or `host:port` joins a running cluster.
     num_workers: actors; None: one per GPU, or on CPU one per (cpus_per_worker + decode_threads) CPUs of
-        each node, rounded up (run.cpu_actors).
+        each node, rounded up (placement.cpu_actors).
     device: `auto` (CUDA where the actor is given a GPU, else CPU), `cpu` or `cuda`.
+    decode_threads: fetch-and-decode threads per actor: a positive integer, or `auto` (a GPU actor reserves
+        and decodes on its node's CPUs, less one for Ray, divided among the node's GPU actors; a CPU actor
+        keeps 2), see placement.actor_decode_threads.
     """
 
     address: Optional[str] = None
@@ -329,7 +364,7 @@ class RuntimeConfig:
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     device: str = "auto"
-    decode_threads: int = 2
+    decode_threads: Any = "auto"
     max_shard_attempts: int = 3
     progress_interval_s: float = 10.0
     stall_timeout_s: float = 900.0
@@ -340,7 +375,9 @@ class RuntimeConfig:
         _positive("runtime.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
         _positive("runtime.cpus_per_worker", self.cpus_per_worker)
         _choice("runtime.device", self.device, DEVICES)
-        _positive("runtime.decode_threads", self.decode_threads)
+        if self.decode_threads != "auto" and (isinstance(self.decode_threads, bool) or not isinstance(self.decode_threads, int)
+                                              or self.decode_threads < 1):
+            raise ValueError(f"runtime.decode_threads must be 'auto' or a positive integer, got {self.decode_threads!r}")
         _positive("runtime.max_shard_attempts", self.max_shard_attempts)
         _positive("runtime.progress_interval_s", self.progress_interval_s)
         _positive("runtime.stall_timeout_s", self.stall_timeout_s)
@@ -373,29 +410,101 @@ class SummaryConfig:
 class AuditConfig:
     """Quality gates. A violated gate still writes every output, then exits with a documented code.
 
-    Semantics (ssim_ray/gates.py): the fraction of ok pairs with ssim strictly below min_ssim must not exceed
-    max_fraction_below (unset: 0, i.e. no ok pair may be below); the group_ variants apply to each value of
-    summary.group_by; max_failures bounds the rows whose status is not ok. An audit with no ok pair (an empty
+    Semantics (ssim_ray/output/gates.py): the fraction of ok pairs with ssim strictly below min_ssim must not
+    exceed max_fraction_below (unset: 0, i.e. no ok pair may be below); the group_ variants apply to each value
+    of summary.group_by; max_failures bounds the rows whose status is not ok. An audit with no ok pair (an empty
     manifest, or every pair failed) fails with the failure gate's code unless allow_no_ok_pairs is true.
+
+    min_psnr (dB) and min_ms_ssim follow the same rules with their own fraction and group settings
+    (psnr_max_fraction_below, group_min_psnr, group_psnr_max_fraction_below; the same with ms_ssim), and
+    need their metric in `metrics`. A PSNR of +inf (identical images) is above every threshold. An ok pair
+    whose MS-SSIM is undefined counts below every MS-SSIM threshold when a scale's term is <= 0
+    (`nonpositive_term`: no structure in common) and is left out when the image is too small for five scales
+    (`too_small`: not measured).
     """
 
     min_ssim: Optional[float] = None
     max_fraction_below: Optional[float] = None
     group_min_ssim: Optional[float] = None
     group_max_fraction_below: Optional[float] = None
+    min_psnr: Optional[float] = None
+    psnr_max_fraction_below: Optional[float] = None
+    group_min_psnr: Optional[float] = None
+    group_psnr_max_fraction_below: Optional[float] = None
+    min_ms_ssim: Optional[float] = None
+    ms_ssim_max_fraction_below: Optional[float] = None
+    group_min_ms_ssim: Optional[float] = None
+    group_ms_ssim_max_fraction_below: Optional[float] = None
     max_failures: Optional[int] = None
     allow_no_ok_pairs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("min_ssim", "group_min_ssim"):
             _in_range(f"audit.{name}", getattr(self, name), -1.0, 1.0)
-        for name, threshold in (("max_fraction_below", "min_ssim"), ("group_max_fraction_below", "group_min_ssim")):
+        for name in ("min_ms_ssim", "group_min_ms_ssim"):
+            _in_range(f"audit.{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("min_psnr", "group_min_psnr"):
             value = getattr(self, name)
-            _in_range(f"audit.{name}", value, 0.0, 1.0)
-            if value is not None and getattr(self, threshold) is None:
-                raise ValueError(f"audit.{name} needs audit.{threshold}, got audit.{threshold}=None")
+            if value is not None and not _is_finite_number(value):
+                raise ValueError(f"audit.{name} must be a finite number of dB, got {value!r}")
+        for gate in self.gates():
+            value = getattr(self, gate.fraction)
+            _in_range(f"audit.{gate.fraction}", value, 0.0, 1.0)
+            if value is not None and gate.threshold_of(self) is None:
+                raise ValueError(f"audit.{gate.fraction} needs audit.{gate.name}, got audit.{gate.name}=None")
         if self.max_failures is not None:
             _positive("audit.max_failures", self.max_failures, allow_zero=True)
+
+    @staticmethod
+    def gates() -> Tuple["ScoreGate", ...]:
+        """Every score gate: (setting, its fraction setting, the metric, whether per group), in gate order."""
+        return SCORE_GATES
+
+    def set_gates(self) -> Tuple["ScoreGate", ...]:
+        """The score gates this config sets (a threshold given).
+
+        Example:
+            >>> [g.name for g in AuditConfig(min_psnr=30.0, group_min_ssim=0.5).set_gates()]
+            ['group_min_ssim', 'min_psnr']
+        """
+        return tuple(g for g in SCORE_GATES if g.threshold_of(self) is not None)
+
+    def thresholds(self) -> Dict[str, List[float]]:
+        """The thresholds the summary must count below, per metric (the merge writes them into `below`).
+
+        Example:
+            >>> AuditConfig(min_ssim=0.5, min_psnr=30.0).thresholds()
+            {'ssim': [0.5], 'psnr': [30.0]}
+        """
+        found: Dict[str, List[float]] = {}
+        for gate in self.set_gates():
+            values = found.setdefault(gate.metric, [])
+            if gate.threshold_of(self) not in values:
+                values.append(float(gate.threshold_of(self)))
+        return {metric: sorted(values) for metric, values in found.items()}
+
+
+@dataclass(frozen=True)
+class ScoreGate:
+    """One score gate of AuditConfig: its threshold setting, its fraction setting, its metric, group or run."""
+
+    name: str
+    fraction: str
+    metric: str
+    per_group: bool
+
+    def threshold_of(self, audit: "AuditConfig") -> Optional[float]:
+        return getattr(audit, self.name)
+
+
+SCORE_GATES = (
+    ScoreGate("min_ssim", "max_fraction_below", "ssim", False),
+    ScoreGate("group_min_ssim", "group_max_fraction_below", "ssim", True),
+    ScoreGate("min_psnr", "psnr_max_fraction_below", "psnr", False),
+    ScoreGate("group_min_psnr", "group_psnr_max_fraction_below", "psnr", True),
+    ScoreGate("min_ms_ssim", "ms_ssim_max_fraction_below", "ms_ssim", False),
+    ScoreGate("group_min_ms_ssim", "group_ms_ssim_max_fraction_below", "ms_ssim", True),
+)
 
 
 @dataclass
@@ -416,6 +525,7 @@ class AuditJobConfig:
     sections (`validate` runs all of them again, for a config changed after it was built)."""
 
     source: SourceConfig = field(default_factory=SourceConfig)
+    metrics: List[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     ssim: SSIMConfig = field(default_factory=SSIMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -425,12 +535,34 @@ class AuditJobConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
-        # Without a group column the group gate has nothing to test; found by the gates, it used to fail
-        # the job after every shard was computed and merged.
-        if (self.audit.group_min_ssim is not None or self.audit.group_max_fraction_below is not None) \
-                and not self.summary.group_by:
-            raise ValueError("audit.group_min_ssim needs summary.group_by to name a column, got "
-                             f"summary.group_by={self.summary.group_by!r}")
+        chosen = check_metrics(self.metrics)
+        for gate in self.audit.set_gates():
+            # Without a group column the group gate has nothing to test; found by the gates, it used to fail
+            # the job after every shard was computed and merged.
+            if gate.per_group and not self.summary.group_by:
+                raise ValueError(f"audit.{gate.name} needs summary.group_by to name a column, got "
+                                 f"summary.group_by={self.summary.group_by!r}")
+            if gate.metric not in chosen:
+                raise ValueError(f"audit.{gate.name} needs {gate.metric} among the metrics computed, got "
+                                 f"metrics={list(self.metrics)} (add it: metrics=[{','.join(chosen + (gate.metric,))}])")
+
+    def chosen_metrics(self) -> Tuple[str, ...]:
+        """The metrics this job computes, in METRIC_NAMES order (`metrics`, checked).
+
+        Example:
+            >>> AuditJobConfig(metrics=["ssim", "ms_ssim"]).chosen_metrics()
+            ('ssim', 'ms_ssim')
+        """
+        return check_metrics(self.metrics)
+
+    def describe_metric(self) -> Dict[str, Any]:
+        """The metric block of `_run.json` and `summary.json`: `SSIMConfig.describe` with this job's metrics.
+
+        Example:
+            >>> AuditJobConfig(metrics=["ssim"]).describe_metric()["metrics"]
+            ['ssim']
+        """
+        return self.ssim.describe(metrics=self.chosen_metrics())
 
     def validate(self) -> None:
         """Run every section's checks and the cross-section ones again (fields may be set after building).

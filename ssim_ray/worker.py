@@ -1,8 +1,11 @@
 """The Ray actor: one shard in, one committed part file out, a small ShardResult back.
 
 Inside an actor, `sources.iter_shard_pairs` fetches and decodes pairs on threads with a bounded prefetch
-while this thread computes SSIM on the device, so I/O and compute overlap. Pairs are bucketed by shape;
-each bucket's batch size comes from the memory probe (`batching.BatchSizer`).
+while this thread computes the metrics on the device, so I/O and compute overlap. Pairs are bucketed by
+shape; each bucket's batch size comes from the memory probe (`batching.BatchSizer`), whose trial batch
+computes every chosen metric. SSIM, PSNR (from the squared errors) and MS-SSIM (from its per-scale terms)
+are computed from the same pixels, moved to the device once per batch; an ok pair whose MS-SSIM is
+undefined keeps its status, SSIM and PSNR and gets the reason (`ms_ssim_undefined`).
 """
 
 from __future__ import annotations
@@ -12,14 +15,27 @@ import os
 import socket
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ssim_ray import sources, statuses
 from ssim_ray.batching import BatchSizer, BucketKey, bucket_key, is_out_of_memory
-from ssim_ray.config import BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
-from ssim_ray.metric import kernel_in_use, mean_over_channels, ssim
+from ssim_ray.config import DEFAULT_METRICS, BatchConfig, SourceConfig, SSIMConfig, SummaryConfig
+from ssim_ray.metric import (
+    NONPOSITIVE_TERM,
+    TOO_SMALL,
+    kernel_in_use,
+    mean_over_channels,
+    ms_ssim_from_terms,
+    ms_ssim_nonpositive,
+    ms_ssim_terms,
+    ms_ssim_terms_and_ssim,
+    ms_ssim_too_small,
+    mse,
+    psnr_from_mse,
+    ssim,
+)
 from ssim_ray.output.commit import write_shard_rows
 from ssim_ray.output.inputs import InputCheck, check_inputs
 from ssim_ray.output.stamps import CommitStamp
@@ -57,6 +73,22 @@ class WorkerSpec:
     memory_share: float
     expected_pairs: int = 0  # pairs this actor is likely to score (the job's pairs / actors); 0: unknown
     stamp: Optional[CommitStamp] = None  # recorded in every marker: plan fingerprint, metric digest, run id
+    metrics: Tuple[str, ...] = DEFAULT_METRICS  # `AuditJobConfig.chosen_metrics()`: ssim always, psnr, ms_ssim
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchScores:
+    """What one batch's metrics computed, on the CPU, before it becomes row values (`_fill_scores`).
+
+    ssim: (n, C) SSIM per channel. mse: (n, C) squared error per channel (PSNR's input), or None when PSNR
+    is not computed. ms_ssim_terms: (n, C, scales) MS-SSIM's per-scale means, or None when MS-SSIM is not
+    computed or the images are too small for it (`ms_ssim_too_small` then says so).
+    """
+
+    ssim: torch.Tensor
+    mse: Optional[torch.Tensor] = None
+    ms_ssim_terms: Optional[torch.Tensor] = None
+    ms_ssim_too_small: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,24 +143,46 @@ class ShardComputer:
         self.compile_policy = spec.ssim.compile
         # A kernel this device cannot run (kernel=triton without CUDA, fp64...) fails the actor here, with
         # the metric's reason, instead of every pair of every shard.
-        self._kernel_in_use()
+        kernel = self._kernel_in_use()
+        # MS-SSIM's first scale is SSIM's own computation when SSIM is Wang's on the torch kernel (a Gaussian
+        # window, population moments, no downsampling): one pass then gives both, with ssim()'s bits.
+        cfg = spec.ssim
+        self.ssim_from_ms_ssim = ("ms_ssim" in spec.metrics and cfg.gaussian and cfg.covariance == "population"
+                                  and cfg.downsample is None and kernel != "triton")
 
     # ------------------------------------------------------------ compute
-    def _scores(self, pairs: List[sources.LoadedPair]) -> torch.Tensor:
-        cfg = self.spec.ssim
+    def _scores(self, pairs: List[sources.LoadedPair]) -> BatchScores:
+        """Every chosen metric of one same-shape batch, from the same pixels moved to the device once."""
+        cfg, metrics = self.spec.ssim, self.spec.metrics
         non_blocking = self.device.type == "cuda"
         x = torch.stack([p.ref for p in pairs])
         y = torch.stack([p.dist for p in pairs])
         if non_blocking:
             x, y = x.pin_memory(), y.pin_memory()
-        per_channel = ssim(
-            x.to(self.device, non_blocking=non_blocking),
-            y.to(self.device, non_blocking=non_blocking),
-            data_range=pairs[0].data_range,
-            per_channel=True,
-            **{**cfg.ssim_options(), "compile": self.compile_policy},
-        )
-        return per_channel.cpu()
+        x, y = x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        data_range = pairs[0].data_range
+        errors = mse(x, y, per_channel=True, **cfg.psnr_options()).cpu() if "psnr" in metrics else None
+        too_small = "ms_ssim" in metrics and self._ms_ssim_too_small(x.shape[-2], x.shape[-1])
+        if "ms_ssim" in metrics and not too_small and self.ssim_from_ms_ssim:
+            terms, per_channel = ms_ssim_terms_and_ssim(x, y, data_range=data_range, **self._ms_ssim_term_options())
+            return BatchScores(per_channel.cpu(), errors, terms.cpu(), False)
+        per_channel = ssim(x, y, data_range=data_range, per_channel=True,
+                           **{**cfg.ssim_options(), "compile": self.compile_policy})
+        terms = None
+        if "ms_ssim" in metrics and not too_small:
+            terms = ms_ssim_terms(x, y, data_range=data_range, **self._ms_ssim_term_options()).cpu()
+        return BatchScores(per_channel.cpu(), errors, terms, too_small)
+
+    def _ms_ssim_term_options(self) -> dict:
+        """`ms_ssim_terms()`'s options from `SSIMConfig.ms_ssim_options()` (the weights give the scales)."""
+        options = {**self.spec.ssim.ms_ssim_options(), "compile": self.compile_policy}
+        options["levels"] = len(options.pop("weights"))
+        return options
+
+    def _ms_ssim_too_small(self, height: int, width: int) -> bool:
+        cfg = self.spec.ssim
+        return ms_ssim_too_small(height, width, levels=len(cfg.ms_ssim_weights), win_size=cfg.win_size,
+                                 crop_border=cfg.crop_border) is not None
 
     def _kernel_in_use(self) -> str:
         """Which kernel scores on this actor's device: 'torch-compiled', 'torch-eager' or 'triton'."""
@@ -138,7 +192,7 @@ class ShardComputer:
 
     def _compute_batch(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:
         try:
-            per_channel = self._scores(pairs)
+            scores = self._scores(pairs)
         except Exception as exc:  # noqa: BLE001 - every failure is typed below, none is dropped
             if is_out_of_memory(exc) and len(pairs) > 1:
                 half = self.sizer.on_oom(key, len(pairs))
@@ -152,18 +206,41 @@ class ShardComputer:
             row = rows[pairs[0].row_index]
             row["status"], row["error"] = statuses.COMPUTE_ERROR, f"{type(exc).__name__}: {exc}".splitlines()[0]
             return
-        self._fill_scores(pairs, per_channel, rows)
+        self._fill_scores(pairs, scores, rows)
 
-    @staticmethod
-    def _fill_scores(pairs: List[sources.LoadedPair], per_channel: torch.Tensor, rows: Dict[int, dict]) -> None:
-        # Reduce in the metric's own dtype, exactly as ssim() does, so the job's score has the same bits
-        # as a direct ssim(x, y) call; widen to float64 only for storage.
-        overall = mean_over_channels(per_channel).tolist()
-        per_channel_values = per_channel.tolist()
+    def _fill_scores(self, pairs: List[sources.LoadedPair], scores: BatchScores, rows: Dict[int, dict]) -> None:
+        # Reduce in the metric's own dtype, exactly as ssim(), psnr() and ms_ssim() do, so the job's values
+        # have the same bits as direct calls; widen to float64 only for storage.
+        columns = {"ssim": mean_over_channels(scores.ssim).tolist(), "ssim_per_channel": scores.ssim.tolist()}
+        if scores.mse is not None:
+            data_range = pairs[0].data_range
+            columns["psnr"] = psnr_from_mse(mean_over_channels(scores.mse), data_range).tolist()
+            columns["psnr_per_channel"] = psnr_from_mse(scores.mse, data_range).tolist()
         for i, pair in enumerate(pairs):
             row = rows[pair.row_index]
-            row["ssim"], row["ssim_per_channel"] = overall[i], per_channel_values[i]
+            row.update({name: values[i] for name, values in columns.items()})
             row["channels"], row["height"], row["width"] = (int(s) for s in pair.ref.shape)
+        if "ms_ssim" in self.spec.metrics:
+            self._fill_ms_ssim(pairs, scores, rows)
+
+    def _fill_ms_ssim(self, pairs: List[sources.LoadedPair], scores: BatchScores, rows: Dict[int, dict]) -> None:
+        """MS-SSIM per pair, or the reason it has none (`ms_ssim_undefined`); the pair stays ok either way."""
+        if scores.ms_ssim_too_small:
+            for pair in pairs:
+                rows[pair.row_index]["ms_ssim_undefined"] = TOO_SMALL
+            return
+        undefined = ms_ssim_nonpositive(scores.ms_ssim_terms)
+        defined = [i for i in range(len(pairs)) if i not in undefined]
+        if defined:
+            # Elementwise powers per pair: a subset has the same bits as the whole batch.
+            per_channel = ms_ssim_from_terms(scores.ms_ssim_terms[defined], weights=self.spec.ssim.ms_ssim_weights,
+                                             per_channel=True)
+            overall, per_channel_values = mean_over_channels(per_channel).tolist(), per_channel.tolist()
+            for j, i in enumerate(defined):
+                row = rows[pairs[i].row_index]
+                row["ms_ssim"], row["ms_ssim_per_channel"] = overall[j], per_channel_values[j]
+        for i in undefined:
+            rows[pairs[i].row_index]["ms_ssim_undefined"] = NONPOSITIVE_TERM
 
     def warm_up_at_start(self) -> bool:
         """Compile the CPU kernel before the first shard if this actor expects enough pairs; True if it did."""
@@ -187,6 +264,11 @@ class ShardComputer:
         side = cfg.win_size + 16 + 2 * cfg.crop_border  # the border is cropped before the window sees it
         ramp = torch.arange(side * side, dtype=torch.float64).reshape(1, 1, side, side) % 251
         ssim(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), **{**cfg.ssim_options(), "compile": self.compile_policy})
+        if "ms_ssim" in self.spec.metrics:  # its tile variant (with cs) is a graph of its own
+            side = cfg.win_size * 2 ** (len(cfg.ms_ssim_weights) - 1) + 2 * cfg.crop_border
+            ramp = torch.arange(side * side, dtype=torch.float64).reshape(1, 1, side, side) % 251
+            warm = ms_ssim_terms_and_ssim if self.ssim_from_ms_ssim else ms_ssim_terms
+            warm(ramp.to(torch.uint8), ramp.flip(-1).to(torch.uint8), **self._ms_ssim_term_options())
         return True
 
     def _flush(self, key: BucketKey, pairs: List[sources.LoadedPair], rows: Dict[int, dict]) -> None:

@@ -86,6 +86,39 @@ def test_group_gate_names_each_failing_group(written):
     assert _gated(written, AuditConfig(group_min_ssim=-1.0))[1] == EXIT_OK
 
 
+def _psnrs(rows, photo=None):
+    return np.array([r["psnr"] for r in rows if r["status"] == "ok" and photo in (None, r["photo"])])
+
+
+def test_min_psnr_follows_the_rules_of_min_ssim_with_its_own_fraction_and_group_settings(written):
+    """PSNR (scikit-image's values of the real photo pairs) against audit.min_psnr, overall and per photo."""
+    rows = written[1]
+    psnrs = _psnrs(rows)
+    lowest, threshold = float(psnrs.min()), float(np.median(psnrs))
+    assert _gated(written, AuditConfig(min_psnr=lowest))[1] == EXIT_OK  # a pair exactly at the limit passes
+    violations, code = _gated(written, AuditConfig(min_psnr=float(np.nextafter(lowest, 100))))
+    assert code == EXIT_QUALITY_GATE and [(v.gate, v.observed) for v in violations] == [("min_psnr", 1 / 30)]
+    assert "have PSNR below" in violations[0].message
+    below = int((psnrs < threshold).sum())
+    assert _gated(written, AuditConfig(min_psnr=threshold, psnr_max_fraction_below=below / 30))[1] == EXIT_OK
+    assert _gated(written, AuditConfig(min_psnr=threshold, psnr_max_fraction_below=(below - 1) / 30))[1] == 3
+    # An SSIM gate at the same number does not answer for PSNR: each metric has its own counts.
+    both = AuditConfig(min_ssim=0.5, min_psnr=0.5)
+    assert [v.gate for v in _gated(written, both)[0]] == ["min_ssim"]  # some SSIM < 0.5, no PSNR < 0.5 dB
+    photos = sorted({r["photo"] for r in rows})
+    failing = sorted(p for p in photos if (_psnrs(rows, p) < threshold).mean() > 0.5)
+    assert 0 < len(failing) < len(photos)
+    violations, _ = _gated(written, AuditConfig(group_min_psnr=threshold, group_psnr_max_fraction_below=0.5))
+    assert sorted(v.group for v in violations) == failing
+
+
+def test_min_ms_ssim_without_a_measured_pair_cannot_pass(written):
+    """Every crop is too small for five scales: no pair is judged, so the gate cannot show quality."""
+    violations, code = _gated(written, AuditConfig(min_ms_ssim=0.5))
+    assert code == EXIT_QUALITY_GATE and [v.gate for v in violations] == ["min_ms_ssim"]
+    assert "has no ok pair judged by MS-SSIM" in violations[0].message
+
+
 def test_group_gate_needs_group_by(written):
     out, rows, shard_ids, _ = written
     info = RunInfo(metric={"name": "wang2004"}, plan_fingerprint="f", total_pairs=len(rows))

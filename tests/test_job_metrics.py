@@ -1,6 +1,7 @@
 """PSNR and MS-SSIM in the job beside SSIM: columns from the same decoded pixels and batches, their typed
 undefined cases, their mergeable statistics and gates, the metric digest, and (slow) whole Ray runs with the
-basicsr and skimage_default presets over the built-in sample set against the reference functions per pair.
+basicsr and skimage_default presets over pairs of the built-in sample set against the reference functions
+per pair.
 
 The fast tests score one real shard with the actor's own `ShardComputer` (no Ray): photographs under JPEG,
 noise and blur at odd and even sizes, an identical pair (PSNR +inf), an inverted pair (MS-SSIM undefined:
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,7 @@ def _tensors(manifest: Path, row: dict):
     return load(row["reference"]), load(row["distorted"])
 
 
+@pytest.mark.slow  # the module's shard is scored once with every metric: ~15 s on 2 cores
 def test_each_ok_row_holds_every_metric_with_the_bits_of_a_direct_call(manifest, rows):
     defined = 0
     for pair_id, row in rows.items():
@@ -128,6 +132,7 @@ def test_each_ok_row_holds_every_metric_with_the_bits_of_a_direct_call(manifest,
     assert defined == 4  # odd_jpeg, odd_same, noise, blur_gray
 
 
+@pytest.mark.slow  # the module's shard is scored once with every metric: ~15 s on 2 cores
 def test_undefined_ms_ssim_is_a_typed_null_and_the_pair_keeps_ssim_and_psnr(manifest, rows):
     inverted, small = rows["inverted"], rows["small"]
     x, y = _tensors(manifest, inverted)
@@ -148,7 +153,8 @@ def test_undefined_ms_ssim_is_a_typed_null_and_the_pair_keeps_ssim_and_psnr(mani
         assert not pa.compute.any(pa.compute.is_nan(table[column])).as_py()
 
 
-def test_metrics_not_chosen_leave_their_columns_null_in_the_one_schema(manifest):
+@pytest.mark.slow  # scores the shard again (SSIM only): ~10 s on 2 cores
+def test_metrics_not_chosen_leave_their_columns_null_in_the_one_schema(manifest, rows):
     only_ssim = {row["pair_id"]: row for row in _rows(manifest, metrics=("ssim",))}
     table = rows_to_table(list(only_ssim.values()), ["kind"])
     assert table.schema.equals(pa.schema(list(RESULT_SCHEMA) + [pa.field("kind", pa.string())]))
@@ -156,8 +162,7 @@ def test_metrics_not_chosen_leave_their_columns_null_in_the_one_schema(manifest)
     for column in ("psnr", "psnr_per_channel", "ms_ssim", "ms_ssim_per_channel", "ms_ssim_undefined"):
         assert table[column].null_count == table.num_rows, column
     # The SSIM of a pair does not depend on which other metrics were computed.
-    with_all = {row["pair_id"]: row for row in _rows(manifest)}
-    assert all(only_ssim[p]["ssim"] == with_all[p]["ssim"] for p in only_ssim)
+    assert all(only_ssim[p]["ssim"] == rows[p]["ssim"] for p in only_ssim)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +187,7 @@ def merged(rows, tmp_path_factory):
     return out, cfg, summary, merge_stats(*stats), whole, info
 
 
+@pytest.mark.slow  # the module's shard is scored once with every metric: ~15 s on 2 cores
 def test_summary_counts_infinite_psnr_and_undefined_ms_ssim_apart_from_the_statistics(rows, merged):
     _, _, summary, _, _, _ = merged
     ok = [r for r in rows.values() if r["status"] == "ok"]
@@ -205,6 +211,7 @@ def test_summary_counts_infinite_psnr_and_undefined_ms_ssim_apart_from_the_stati
     json.dumps(summary, allow_nan=True)  # +inf is never written: no count or mean holds it
 
 
+@pytest.mark.slow  # the module's shard is scored once with every metric: ~15 s on 2 cores
 def test_metric_statistics_are_mergeable(merged):
     _, _, _, summed, whole, _ = merged
     a, b = stats_to_json(summed), stats_to_json(whole)
@@ -215,6 +222,7 @@ def test_metric_statistics_are_mergeable(merged):
     assert a == b
 
 
+@pytest.mark.slow  # the module's shard is scored once with every metric: ~15 s on 2 cores
 def test_psnr_and_ms_ssim_gates_follow_min_ssims_rules(rows, merged):
     out, cfg, summary, _, _, info = merged
     ok = [r for r in rows.values() if r["status"] == "ok"]
@@ -254,6 +262,33 @@ def test_a_gate_on_a_metric_not_computed_is_refused_before_any_work():
         AuditConfig(ms_ssim_max_fraction_below=0.1)
 
 
+def _compose(*overrides: str) -> AuditJobConfig:
+    from ssim_ray.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return OmegaConf.to_object(compose("ssim_audit", overrides=["output.url=/tmp/out", *overrides]))
+
+
+def test_metrics_compose_from_the_command_line_and_are_checked_when_built():
+    assert _compose().chosen_metrics() == ("ssim", "psnr")  # conf/ssim_audit.yaml's default
+    assert _compose("metrics=[ms_ssim,ssim,psnr]").describe_metric()["metrics"] == list(ALL)
+    with pytest.raises(ValueError, match=r"metrics must name only \['ssim', 'psnr', 'ms_ssim'\]"):
+        _compose("metrics=[ssim,lpips]")
+    with pytest.raises(ValueError, match="audit.group_min_psnr needs summary.group_by"):
+        _compose("source=parquet", "source.url=/m.parquet", "audit.group_min_psnr=30")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and Hydra: ~8 s
+def test_a_gate_on_a_metric_not_computed_stops_the_job_before_hydra_saves_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "jobs.ssim_audit", "audit.min_ms_ssim=0.9", f"hydra.run.dir={run_dir}"],
+                          cwd=CONF.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "audit.min_ms_ssim needs ms_ssim among the metrics computed" in done.stderr
+    assert not run_dir.exists()  # neither Hydra's .hydra/ nor any result
+
+
 def test_other_metrics_change_the_metric_digest_and_a_resume_refuses_them(tmp_path):
     default, more = AuditJobConfig(), AuditJobConfig(metrics=list(ALL))
     assert default.describe_metric() == default.ssim.describe()  # [ssim, psnr] is the default
@@ -277,25 +312,43 @@ def local_ray():
     ray.shutdown()
 
 
-def _run(out: Path, *overrides: str):
+# Two photographs of the sample set, all 17 of their pairs (JPEG at six qualities, noise, blur, contrast):
+# one gray with an odd side (coins, 384x303), one colour with an odd side (chelsea, 451x300). The whole set
+# (222 pairs up to 1411x1411) takes minutes per run in fp64 with MS-SSIM on two shared cores, and the
+# library's own sample-set test (test_presets) already covers every pair of it.
+SAMPLE_PHOTOS = ("coins", "chelsea")
+
+
+@pytest.fixture(scope="module")
+def sample_subset(tmp_path_factory) -> Path:
+    """A manifest of the sample set's pairs of SAMPLE_PHOTOS, its image paths absolute."""
+    manifest = ensure_sample_dataset()
+    table = pq.read_table(manifest)
+    rows = [r for r in table.to_pylist() if r["image"] in SAMPLE_PHOTOS]
+    for row in rows:
+        row["reference"] = os.path.join(os.path.dirname(manifest), row["reference"])
+        row["distorted"] = os.path.join(os.path.dirname(manifest), row["distorted"])
+    path = tmp_path_factory.mktemp("sample-subset") / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return path
+
+
+def _run(out: Path, manifest: Path, *overrides: str):
     from ssim_ray.config import register_configs
     from ssim_ray.run import evaluate
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        composed = compose("ssim_audit", overrides=[f"output.url={out}", "report.enabled=false", *overrides])
+        composed = compose("ssim_audit", overrides=[f"output.url={out}", "report.enabled=false", "source=parquet",
+                                                    f"source.url={manifest}", *overrides])
     cfg = OmegaConf.to_object(composed)
     outcome = evaluate(cfg, output_url=str(out))
     return cfg, outcome, pq.read_table(out / "ssim.parquet").to_pylist()
 
 
-def _sample_file(name: str) -> bytes:
-    with open(os.path.join(os.path.dirname(ensure_sample_dataset()), name), "rb") as handle:
-        return handle.read()
-
-
-def _decode(name: str, color: str) -> np.ndarray:
-    return decode_image(_sample_file(name), name=name, color=color, alpha="drop", max_pixels=10**8).pixels
+def _decode(path: str, color: str) -> np.ndarray:
+    with open(path, "rb") as handle:
+        return decode_image(handle.read(), name=path, color=color, alpha="drop", max_pixels=10**8).pixels
 
 
 def _no_nan(rows: list) -> None:
@@ -307,9 +360,10 @@ def _no_nan(rows: list) -> None:
 
 
 @pytest.mark.slow
-def test_a_basicsr_run_with_every_metric_reproduces_basicsr_per_pair(local_ray, tmp_path):
-    cfg, outcome, rows = _run(tmp_path / "basicsr", "ssim=basicsr", "ssim.crop_border=4", "metrics=[ssim,psnr,ms_ssim]")
-    assert outcome.exit_code == 0 and len(rows) > 200
+def test_a_basicsr_run_with_every_metric_reproduces_basicsr_per_pair(local_ray, sample_subset, tmp_path):
+    cfg, outcome, rows = _run(tmp_path / "basicsr", sample_subset, "ssim=basicsr", "ssim.crop_border=4",
+                              "metrics=[ssim,psnr,ms_ssim]")
+    assert outcome.exit_code == 0 and len(rows) == 17 * len(SAMPLE_PHOTOS)
     assert outcome.summary["metric"]["preset"] == "basicsr" and outcome.summary["metric"]["metrics"] == list(ALL)
     worst = {"ssim": 0.0, "psnr": 0.0, "ms_ssim": 0.0}
     for row in rows:
@@ -330,9 +384,10 @@ def test_a_basicsr_run_with_every_metric_reproduces_basicsr_per_pair(local_ray, 
 
 
 @pytest.mark.slow
-def test_a_skimage_default_run_reproduces_scikit_image_per_pair(local_ray, tmp_path):
-    cfg, outcome, rows = _run(tmp_path / "skimage", "ssim=skimage_default")
-    assert outcome.exit_code == 0 and len(rows) > 200 and outcome.summary["metric"]["metrics"] == ["ssim", "psnr"]
+def test_a_skimage_default_run_reproduces_scikit_image_per_pair(local_ray, sample_subset, tmp_path):
+    cfg, outcome, rows = _run(tmp_path / "skimage", sample_subset, "ssim=skimage_default")
+    assert outcome.exit_code == 0 and len(rows) == 17 * len(SAMPLE_PHOTOS)
+    assert outcome.summary["metric"]["metrics"] == ["ssim", "psnr"]
     worst = {"ssim": 0.0, "psnr": 0.0}
     for row in rows:
         x, y = chw(_decode(row["reference"], "rgb")), chw(_decode(row["distorted"], "rgb"))

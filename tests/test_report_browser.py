@@ -168,6 +168,9 @@ IMAGES = "Array.from(document.images).map(function (i) { return [i.complete, i.n
 GROUP_MEANS = ("Array.from(document.querySelectorAll('table.groups tbody tr'))"
                ".map(function (r) { return r.cells[3].getAttribute('data-sort'); })")
 CLICK_MEAN = "document.querySelectorAll('table.groups th')[3].click()"
+PSNR_MEANS = ("Array.from(document.querySelectorAll('table.metric-groups.psnr tbody tr'))"
+              ".map(function (r) { return r.cells[3].getAttribute('data-sort'); })")
+CLICK_PSNR_MEAN = "document.querySelectorAll('table.metric-groups.psnr th')[3].click()"
 
 
 @pytest.mark.slow  # starts Chromium: ~5 s
@@ -184,6 +187,9 @@ def test_report_renders_without_errors_and_every_image_loads(browser, report_pat
     assert numbers == sorted(numbers) and len(numbers) == 8
     browser.evaluate(CLICK_MEAN)
     assert [float(v) if v is not None else -np.inf for v in browser.evaluate(GROUP_MEANS)] == sorted(numbers, reverse=True)
+    browser.evaluate(CLICK_PSNR_MEAN)  # the PSNR section's group table sorts the same way
+    psnr_means = [float(v) if v is not None else -np.inf for v in browser.evaluate(PSNR_MEANS)]
+    assert psnr_means == sorted(psnr_means) and len(psnr_means) == 8
     shot = np.asarray(browser.screenshot().convert("L"), dtype=np.float64)
     assert shot.shape[0] > 2000  # the whole page, not only the first screen
     assert shot.std() > 20 and len(np.unique(shot)) > 64  # text, plots and photos, not a blank page

@@ -114,6 +114,25 @@ def test_write_shard_refuses_tables_that_break_the_contract(tmp_path, rows):
     assert not (tmp_path / "shards").exists()
 
 
+def test_write_shard_refuses_psnr_and_ms_ssim_values_that_break_the_contract(tmp_path, rows):
+    """PSNR and MS-SSIM only on ok rows, never NaN; an MS-SSIM reason is typed and only stands for a null."""
+    good = dict(rows[0], shard_id="s0", psnr=float("inf"), psnr_per_channel=[float("inf")], ms_ssim=None,
+                ms_ssim_undefined="nonpositive_term")
+    write_shard(str(tmp_path / "ok"), "s0", rows_to_table([good], PASSTHROUGH))  # +inf and a reason are fine
+    bad = [
+        (dict(good, psnr=float("nan")), "psnr must never be NaN"),
+        (dict(good, psnr_per_channel=[float("nan")]), "psnr_per_channel must never hold NaN"),
+        (dict(good, status="missing", ssim=None, ms_ssim_undefined=None), "psnr must be null unless status is 'ok'"),
+        (dict(good, ms_ssim_undefined="negative"), r"ms_ssim_undefined must be null or one of \['too_small'"),
+        (dict(good, ms_ssim=0.5), "ms_ssim_undefined is set only on 'ok' rows whose ms_ssim is null"),
+        (dict(good, ms_ssim_undefined=None, ms_ssim=float("nan")), "ms_ssim must never be NaN"),
+    ]
+    for row, message in bad:
+        with pytest.raises(ValueError, match=message):
+            write_shard(str(tmp_path / "bad"), "s0", rows_to_table([row], PASSTHROUGH))
+    assert not (tmp_path / "bad" / "shards").exists()
+
+
 def test_rerun_of_a_shard_overwrites_never_duplicates(tmp_path, rows):
     out = str(tmp_path)
     _write_all(out, rows)

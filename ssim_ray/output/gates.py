@@ -10,6 +10,12 @@ ok pairs strictly below each gate's threshold into the summary's `below` entries
 - `audit.group_min_ssim` / `audit.group_max_fraction_below`: the same test for every value of
   `summary.group_by` (null values form the group "(null)"), one violation per failing group. A group
   with rows but no ok pair violates it, like the whole run.
+- `audit.min_psnr` (dB) and `audit.min_ms_ssim`, with `audit.psnr_max_fraction_below` /
+  `audit.ms_ssim_max_fraction_below` and their `group_` variants: the same tests on PSNR and MS-SSIM (each
+  needs its metric in `metrics`). A PSNR of +inf (identical images) is never below. MS-SSIM judges the ok
+  pairs that have a value plus those whose value is undefined because a scale's term is <= 0
+  (`nonpositive_term`, counted below every threshold: the images share no structure at that scale); pairs
+  too small for five scales (`too_small`) are not measured and left out. No pair to judge violates the gate.
 - `audit.max_failures` = n: violated when the rows whose status is not `ok` number more than n.
 - No ok pair at all (an empty manifest, or every pair failed): violated whatever gates are set, with the
   failure gate's code, unless `audit.allow_no_ok_pairs` is true. An audit that measured nothing has not
@@ -17,7 +23,7 @@ ok pairs strictly below each gate's threshold into the summary's `below` entries
 - A summary flagged `"complete": false` (a merge with missing shards) is a violation of its own.
 
 Exit codes (the job exits with the highest one present; every violation is printed):
-EXIT_OK = 0, EXIT_QUALITY_GATE = 3 (min_ssim, group_min_ssim), EXIT_FAILURE_GATE = 4 (max_failures, no ok
+EXIT_OK = 0, EXIT_QUALITY_GATE = 3 (the score gates), EXIT_FAILURE_GATE = 4 (max_failures, no ok
 pair), EXIT_INCOMPLETE = 5 (missing shards). 1 and 2 stay with Python (uncaught exception) and argument errors.
 """
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
 
-from ssim_ray.config import AuditConfig
+from ssim_ray.config import METRIC_LABELS, AuditConfig, ScoreGate
 
 EXIT_OK = 0
 EXIT_QUALITY_GATE = 3
@@ -46,43 +52,54 @@ class GateViolation:
     message: str
 
 
-def _below_entry(summary: Mapping[str, Any], threshold: float, gate: str) -> Mapping[str, Any]:
+# What a gate judges: every ok pair, or for MS-SSIM those with a value or a nonpositive term (not too_small).
+_JUDGED = {"ssim": "ok pair", "psnr": "ok pair", "ms_ssim": "ok pair judged by MS-SSIM"}
+
+
+def _below_entry(summary: Mapping[str, Any], threshold: float, gate: str, metric: str = "ssim") -> Mapping[str, Any]:
+    # Entries written before other metrics had gates carry no "metric": they are SSIM's.
     for entry in summary.get("below", []):
-        if entry["threshold"] == threshold:
+        if entry.get("metric", "ssim") == metric and entry["threshold"] == threshold:
             return entry
-    have = [e["threshold"] for e in summary.get("below", [])]
+    have = [(e.get("metric", "ssim"), e["threshold"]) for e in summary.get("below", [])]
     raise ValueError(
-        f"audit.{gate}={threshold} needs the summary's count of ok pairs below {threshold}; the summary has "
-        f"counts for {have}. Rebuild it with output.merge_only=true and this audit config."
+        f"audit.{gate}={threshold} needs the summary's count of ok pairs below {threshold} in {metric}; the "
+        f"summary has counts for {have}. Rebuild it with output.merge_only=true and this audit config."
     )
 
 
 def _fraction_violation(gate: str, group: Optional[str], counts: Mapping[str, Any], threshold: float,
-                        max_fraction: Optional[float]) -> Optional[GateViolation]:
+                        max_fraction: Optional[float], metric: str = "ssim") -> Optional[GateViolation]:
     limit = max_fraction if max_fraction is not None else 0.0
     where = f"group {group!r}" if group is not None else "the run"
     setting = f"audit.{gate}={threshold}" + (f", max fraction {max_fraction}" if max_fraction is not None else "")
     if not counts["ok"]:
         return GateViolation(gate, group, 1.0, limit, EXIT_QUALITY_GATE,
-                             f"{setting}: {where} has no ok pair, so its quality cannot be shown")
+                             f"{setting}: {where} has no {_JUDGED[metric]}, so its quality cannot be shown")
     if counts["fraction"] <= limit:
         return None
     return GateViolation(
         gate, group, counts["fraction"], limit, EXIT_QUALITY_GATE,
-        f"{setting}: {counts['count']} of {counts['ok']} ok pairs in {where} "
-        f"({100 * counts['fraction']:.2f}%) are below {threshold}, at most {100 * limit:.2f}% allowed",
+        f"{setting}: {counts['count']} of {counts['ok']} {_JUDGED[metric].replace('pair', 'pairs', 1)} in {where} "
+        f"({100 * counts['fraction']:.2f}%) have {METRIC_LABELS[metric]} below {threshold}, at most "
+        f"{100 * limit:.2f}% allowed",
     )
 
 
-def _group_violations(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[GateViolation]:
+def _gate_violations(summary: Mapping[str, Any], audit_cfg: AuditConfig, gate: ScoreGate) -> List[GateViolation]:
+    """One score gate (`config.SCORE_GATES`) on the run, or on each group."""
+    threshold, max_fraction = gate.threshold_of(audit_cfg), getattr(audit_cfg, gate.fraction)
+    if not gate.per_group:
+        counts = _below_entry(summary, threshold, gate.name, gate.metric)
+        violation = _fraction_violation(gate.name, None, counts, threshold, max_fraction, gate.metric)
+        return [violation] if violation else []
     if not summary.get("group_by"):
-        raise ValueError("audit.group_min_ssim needs summary.group_by to name a column, got summary.group_by=None")
-    entry = _below_entry(summary, audit_cfg.group_min_ssim, "group_min_ssim")
+        raise ValueError(f"audit.{gate.name} needs summary.group_by to name a column, got summary.group_by=None")
+    entry = _below_entry(summary, threshold, gate.name, gate.metric)
     found = []
     for group in summary["groups"]:
         counts = entry["groups"].get(group, {"count": 0, "ok": 0, "fraction": None})
-        violation = _fraction_violation("group_min_ssim", group, counts, audit_cfg.group_min_ssim,
-                                        audit_cfg.group_max_fraction_below)
+        violation = _fraction_violation(gate.name, group, counts, threshold, max_fraction, gate.metric)
         if violation:
             found.append(violation)
     return found
@@ -96,8 +113,8 @@ def evaluate_gates(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[G
         audit_cfg: the gates (see the module docstring for their exact semantics).
 
     Returns:
-        The violations, in gate order: complete, min_ssim, group_min_ssim per group, max_failures,
-        no_ok_pairs.
+        The violations, in gate order: complete, min_ssim, group_min_ssim per group, min_psnr,
+        group_min_psnr per group, min_ms_ssim, group_min_ms_ssim per group, max_failures, no_ok_pairs.
 
     Raises:
         ValueError: a gate needs a count the summary lacks (made without this audit config) or a
@@ -113,12 +130,8 @@ def evaluate_gates(summary: Mapping[str, Any], audit_cfg: AuditConfig) -> List[G
         missing = summary.get("shards", {}).get("missing")
         found.append(GateViolation("complete", None, float(missing or 0), 0.0, EXIT_INCOMPLETE,
                                    f"the summary is incomplete: {missing} planned shards were not merged"))
-    if audit_cfg.min_ssim is not None:
-        counts = _below_entry(summary, audit_cfg.min_ssim, "min_ssim")
-        violation = _fraction_violation("min_ssim", None, counts, audit_cfg.min_ssim, audit_cfg.max_fraction_below)
-        found.extend([violation] if violation else [])
-    if audit_cfg.group_min_ssim is not None:
-        found.extend(_group_violations(summary, audit_cfg))
+    for gate in audit_cfg.set_gates():
+        found.extend(_gate_violations(summary, audit_cfg, gate))
     failures = summary["pairs"]["failures"]
     if audit_cfg.max_failures is not None and failures > audit_cfg.max_failures:
         found.append(GateViolation("max_failures", None, float(failures), float(audit_cfg.max_failures),

@@ -91,8 +91,8 @@ def build_run_manifest(
 def run_manifest(*, plan: Any, cfg: Any, run_id: Optional[str] = None) -> Dict[str, Any]:
     """The run manifest of a planned job: `build_run_manifest` from a `sources.Plan` and an AuditJobConfig.
 
-    The metric entry is `cfg.ssim.describe()`, every setting that changes a score (the same function writes
-    summary.json's metric block): a resume must agree on all of them.
+    The metric entry is `cfg.describe_metric()` (`SSIMConfig.describe` with the job's metrics), every setting
+    that changes a score (the same function writes summary.json's metric block): a resume must agree on all.
 
     Args:
         plan: `sources.plan_shards(cfg.source)`.
@@ -113,7 +113,7 @@ def run_manifest(*, plan: Any, cfg: Any, run_id: Optional[str] = None) -> Dict[s
         plan_fingerprint=plan.fingerprint,
         total_pairs=plan.total_pairs,
         num_shards=len(plan.shards),
-        metric=cfg.ssim.describe(),
+        metric=cfg.describe_metric(),
         source=asdict(cfg.source),
         run_id=run_id,
     )

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ssim_ray import statuses
+from ssim_ray.metric import NONPOSITIVE_TERM, TOO_SMALL
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -23,6 +24,11 @@ RESULT_SCHEMA = pa.schema(
         ("distorted", pa.string()),
         ("ssim", pa.float64()),
         ("ssim_per_channel", pa.list_(pa.float64())),
+        ("psnr", pa.float64()),
+        ("psnr_per_channel", pa.list_(pa.float64())),
+        ("ms_ssim", pa.float64()),
+        ("ms_ssim_per_channel", pa.list_(pa.float64())),
+        ("ms_ssim_undefined", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("channels", pa.int32()),
@@ -37,6 +43,16 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
+# The score columns of each metric (`config.METRIC_NAMES`). One schema whatever `metrics` says: the columns of a
+# metric the run did not compute are null in every row (summary.json's metric block lists the metrics computed).
+METRIC_COLUMNS = {
+    "ssim": ("ssim", "ssim_per_channel"),
+    "psnr": ("psnr", "psnr_per_channel"),
+    "ms_ssim": ("ms_ssim", "ms_ssim_per_channel", "ms_ssim_undefined"),
+}
+# Why an ok pair has no MS-SSIM (`ms_ssim_undefined`): its images are too small for the scales, or a scale's
+# term is <= 0 (the fractional power has no real value). The metric's own codes.
+MS_SSIM_UNDEFINED_REASONS = (TOO_SMALL, NONPOSITIVE_TERM)
 # The columns a row must name (`result_row`'s required arguments); the others are null when absent.
 REQUIRED_ROW_KEYS = ("pair_id", "reference", "distorted", "status", "shard_id")
 
@@ -52,6 +68,11 @@ def result_row(
     error: Optional[str] = None,
     ssim: Optional[float] = None,
     ssim_per_channel: Optional[Sequence[float]] = None,
+    psnr: Optional[float] = None,
+    psnr_per_channel: Optional[Sequence[float]] = None,
+    ms_ssim: Optional[float] = None,
+    ms_ssim_per_channel: Optional[Sequence[float]] = None,
+    ms_ssim_undefined: Optional[str] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
     channels: Optional[int] = None,
@@ -76,6 +97,12 @@ def result_row(
         error: one line saying why the pair is not ok; None when it is.
         ssim: the pair's score (set exactly when status is ok, see `validate_result_table`).
         ssim_per_channel: the score of each channel.
+        psnr: the pair's PSNR in dB over all pixels and channels; +inf for identical images (stored as inf);
+            None when the pair is not ok or the run does not compute PSNR.
+        psnr_per_channel: the PSNR of each channel (+inf for an identical channel).
+        ms_ssim: the pair's MS-SSIM; None when not ok, not computed, or undefined (`ms_ssim_undefined`).
+        ms_ssim_per_channel: the MS-SSIM of each channel.
+        ms_ssim_undefined: why an ok pair has no MS-SSIM, one of MS_SSIM_UNDEFINED_REASONS; None otherwise.
         height: image height, the one the metric saw.
         width: image width.
         channels: image channels.
@@ -134,7 +161,7 @@ def rows_to_table(
         ...                  passthrough={"codec": "jpeg"}, ssim=0.9, ssim_per_channel=[0.9], height=64,
         ...                  width=64, channels=1, data_range=255.0, bit_depth=8, decoder="pillow-11")
         >>> rows_to_table([row], ["codec"]).num_columns
-        17
+        22
     """
     clashes = sorted(set(passthrough_columns) & set(RESULT_COLUMNS))
     if clashes:
@@ -168,6 +195,9 @@ def validate_result_table(table: pa.Table, *, shard_id: str) -> None:
     Raises:
         ValueError: naming the column or row and what was expected and got.
 
+    Also: the other metrics' columns only on ok rows, an MS-SSIM reason from MS_SSIM_UNDEFINED_REASONS only
+    where ms_ssim is null, and no NaN in any score column (+inf is PSNR's value for identical images).
+
     Example:
         >>> validate_result_table(rows_to_table([], []), shard_id="s0")
     """
@@ -187,3 +217,28 @@ def validate_result_table(table: pa.Table, *, shard_id: str) -> None:
             f"{table['status'][row].as_py()!r} with ssim {table['ssim'][row].as_py()!r} "
             f"for pair_id {table['pair_id'][row].as_py()!r}"
         )
+    _check_other_metrics(table, pc.fill_null(ok, False))
+
+
+def _first_bad(table: pa.Table, bad: Any, what: str) -> None:
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise ValueError(f"{what}; got status {table['status'][row].as_py()!r}, psnr {table['psnr'][row].as_py()!r}, "
+                         f"ms_ssim {table['ms_ssim'][row].as_py()!r}, ms_ssim_undefined "
+                         f"{table['ms_ssim_undefined'][row].as_py()!r} for pair_id {table['pair_id'][row].as_py()!r}")
+
+
+def _check_other_metrics(table: pa.Table, ok: Any) -> None:
+    """PSNR and MS-SSIM columns: set only on ok rows, reasons typed and only without a value, never NaN."""
+    for name in ("psnr", "ms_ssim"):
+        _first_bad(table, pc.and_(pc.is_valid(table[name]), pc.invert(ok)),
+                   f"{name} must be null unless status is {statuses.OK!r}")
+        _first_bad(table, pc.fill_null(pc.is_nan(table[name]), False), f"{name} must never be NaN")
+        flat = pc.list_flatten(table[f"{name}_per_channel"])
+        if len(flat) and pc.any(pc.is_nan(flat)).as_py():
+            raise ValueError(f"{name}_per_channel must never hold NaN, got {pc.sum(pc.is_nan(flat)).as_py()} NaN values")
+    reason = table["ms_ssim_undefined"]
+    _first_bad(table, pc.and_(pc.is_valid(reason), pc.invert(pc.is_in(reason, pa.array(MS_SSIM_UNDEFINED_REASONS)))),
+               f"ms_ssim_undefined must be null or one of {list(MS_SSIM_UNDEFINED_REASONS)}")
+    _first_bad(table, pc.and_(pc.is_valid(reason), pc.or_(pc.is_valid(table["ms_ssim"]), pc.invert(ok))),
+               f"ms_ssim_undefined is set only on {statuses.OK!r} rows whose ms_ssim is null")

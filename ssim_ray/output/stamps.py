@@ -2,9 +2,10 @@
 
 Every marker records a `CommitStamp`: the plan fingerprint (what defines the shards' content: the source's
 identity, the manifest footers or the listing, pairs per shard, columns), the digest of the metric settings
-(`SSIMConfig.describe()`: every setting that changes a score) and the id of the run that wrote it. A resume
-or `output.merge_only` reuses a shard only when its stamp has this run's plan fingerprint and metric digest
-(`resume.check_commits`); the run id says who wrote it (summary.json counts shards by run).
+(`AuditJobConfig.describe_metric()`: every setting that changes a score, and the metrics computed, so a run
+with other `metrics` has another digest) and the id of the run that wrote it. A resume or `output.merge_only`
+reuses a shard only when its stamp has this run's plan fingerprint and metric digest (`resume.check_commits`);
+the run id says who wrote it (summary.json counts shards by run).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def metric_digest(settings: Mapping[str, Any]) -> str:
     """The sha256 of the metric settings, as markers record it (canonical JSON: sorted keys).
 
     Args:
-        settings: `SSIMConfig.describe()`: every setting that changes a score.
+        settings: `AuditJobConfig.describe_metric()`: every setting that changes a score, and the metrics.
 
     Returns:
         64 hex digits.

@@ -13,6 +13,10 @@ floating-point additions, which is fixed (plan order), so a merge is determinist
 - min and max;
 - a fixed-bin histogram on [-1, 1] (`HIST_BINS` bins of width 2/HIST_BINS; values outside the range, which
   a fused kernel may produce by a few ulps, land in the end bins);
+- for PSNR and MS-SSIM (`MetricStats`, per group too): the same moments and min/max of their finite values
+  with a histogram of fixed bins of their own (`HISTOGRAMS`: PSNR 0.05 dB on [0, 120], MS-SSIM on [0, 1]),
+  the +inf values (PSNR of identical images) counted apart and never in a mean, and the ok rows without a
+  value counted by reason (MS-SSIM `too_small`, `nonpositive_term`);
 - the k worst ok pairs, ties broken by pair_id so the result does not depend on shard order;
 - the first few failure examples per status, in plan order.
 
@@ -32,6 +36,29 @@ from ssim_ray import statuses
 
 HIST_BINS = 2000
 HIST_RANGE = (-1.0, 1.0)
+# The metrics besides SSIM whose statistics are kept (`config.METRIC_NAMES`; SSIM's are `GroupStats.moments`).
+OTHER_METRICS = ("psnr", "ms_ssim")
+
+
+@dataclass(frozen=True)
+class HistogramLayout:
+    """Fixed bins of one metric: `bins` bins of equal width on [low, high]; values outside land in the end bins."""
+
+    low: float
+    high: float
+    bins: int
+
+    def as_json(self) -> List[float]:
+        return [self.low, self.high, self.bins]
+
+
+# SSIM on [-1, 1]; PSNR in 0.05 dB bins up to 120 dB (a one-level error in one pixel of a 1000x1000 8-bit
+# image is 108 dB; exact min and max are kept beside the bins); MS-SSIM on [0, 1], where its values lie.
+HISTOGRAMS = {
+    "ssim": HistogramLayout(HIST_RANGE[0], HIST_RANGE[1], HIST_BINS),
+    "psnr": HistogramLayout(0.0, 120.0, 2400),
+    "ms_ssim": HistogramLayout(0.0, 1.0, 2000),
+}
 
 
 @dataclass
@@ -45,17 +72,23 @@ class Moments:
     max: float = -math.inf
     hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, dtype=np.int64))
 
+    @classmethod
+    def empty(cls, metric: str = "ssim") -> "Moments":
+        """The moments of no values, with the metric's histogram layout."""
+        return cls(hist=np.zeros(HISTOGRAMS[metric].bins, dtype=np.int64))
+
     @property
     def std(self) -> Optional[float]:
         """Population standard deviation (ddof=0), None when there are no scores."""
         return math.sqrt(self.m2 / self.count) if self.count else None
 
 
-def moments_of(values: np.ndarray) -> Moments:
+def moments_of(values: np.ndarray, metric: str = "ssim") -> Moments:
     """Moments of a float64 array of scores (finite, already filtered to ok rows).
 
     Args:
         values: 1-D float64 array.
+        metric: whose histogram layout to use (`HISTOGRAMS`).
 
     Returns:
         The Moments of `values`.
@@ -65,7 +98,7 @@ def moments_of(values: np.ndarray) -> Moments:
         0.6
     """
     if values.size == 0:
-        return Moments()
+        return Moments.empty(metric)
     mean = float(values.mean())
     return Moments(
         count=int(values.size),
@@ -73,20 +106,22 @@ def moments_of(values: np.ndarray) -> Moments:
         m2=float(((values - mean) ** 2).sum()),
         min=float(values.min()),
         max=float(values.max()),
-        hist=histogram_counts(values),
+        hist=histogram_counts(values, metric),
     )
 
 
-def histogram_counts(values: np.ndarray) -> np.ndarray:
-    """Counts of `values` in the fixed bins on [-1, 1]; bin i is [-1 + i*w, -1 + (i+1)*w), 1.0 in the last.
+def histogram_counts(values: np.ndarray, metric: str = "ssim") -> np.ndarray:
+    """Counts of `values` in the metric's fixed bins (SSIM: on [-1, 1]; bin i is [-1 + i*w, -1 + (i+1)*w),
+    1.0 in the last); values outside the range land in the end bins.
 
     Example:
-        >>> int(histogram_counts(np.array([1.0, 0.99999]))[-1])
-        2
+        >>> int(histogram_counts(np.array([1.0, 0.99999]))[-1]), int(histogram_counts(np.array([130.0]), "psnr")[-1])
+        (2, 1)
     """
-    lo, hi = HIST_RANGE
-    index = np.floor((values - lo) / (hi - lo) * HIST_BINS).astype(np.int64)
-    return np.bincount(np.clip(index, 0, HIST_BINS - 1), minlength=HIST_BINS).astype(np.int64)
+    layout = HISTOGRAMS[metric]
+    lo, hi, bins = layout.low, layout.high, layout.bins
+    index = np.floor((values - lo) / (hi - lo) * bins).astype(np.int64)
+    return np.bincount(np.clip(index, 0, bins - 1), minlength=bins).astype(np.int64)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -113,11 +148,80 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 
 
 @dataclass
+class MetricStats:
+    """One metric's values over ok rows (PSNR, MS-SSIM): moments of the finite ones, +inf apart, none by reason.
+
+    moments: count, mean, M2, min, max and histogram of the finite values.
+    infinite: values of +inf (PSNR of identical images), never in a mean.
+    undefined: ok rows without a value, by reason (MS-SSIM's `too_small`, `nonpositive_term`).
+    """
+
+    moments: Moments
+    infinite: int = 0
+    undefined: Dict[str, int] = field(default_factory=dict)
+
+
+def empty_metric_stats(metric: str) -> MetricStats:
+    """No values of `metric`.
+
+    Example:
+        >>> empty_metric_stats("psnr").moments.hist.size
+        2400
+    """
+    return MetricStats(Moments.empty(metric))
+
+
+def metric_stats_of(metric: str, values: np.ndarray, reasons: Sequence[Optional[str]] = ()) -> MetricStats:
+    """The MetricStats of ok rows' values (NaN: no value) and the reasons of those without one.
+
+    Args:
+        metric: its name (the histogram layout).
+        values: float64 values of the ok rows, NaN where the row has none; +inf counted apart.
+        reasons: the reason of each row without a value (None entries ignored).
+
+    Raises:
+        ValueError: a value of -inf (no metric has one).
+
+    Example:
+        >>> m = metric_stats_of("psnr", np.array([30.0, np.inf, 40.0]))
+        >>> m.moments.mean, m.infinite
+        (35.0, 1)
+    """
+    if np.any(np.isneginf(values)):
+        raise ValueError(f"{metric} values must not be -inf, got {int(np.isneginf(values).sum())}")
+    undefined: Dict[str, int] = {}
+    for reason in reasons:
+        if reason is not None:
+            undefined[reason] = undefined.get(reason, 0) + 1
+    finite = values[np.isfinite(values)]
+    return MetricStats(moments_of(finite, metric), int(np.isposinf(values).sum()), dict(sorted(undefined.items())))
+
+
+def merge_metric_stats(a: MetricStats, b: MetricStats) -> MetricStats:
+    """Sum of two MetricStats of one metric.
+
+    Example:
+        >>> merge_metric_stats(MetricStats(Moments(), 1, {"too_small": 1}), MetricStats(Moments(), 2)).infinite
+        3
+    """
+    undefined = dict(a.undefined)
+    for reason, n in b.undefined.items():
+        undefined[reason] = undefined.get(reason, 0) + n
+    return MetricStats(merge_moments(a.moments, b.moments), a.infinite + b.infinite, dict(sorted(undefined.items())))
+
+
+def _empty_scores() -> Dict[str, MetricStats]:
+    return {metric: empty_metric_stats(metric) for metric in OTHER_METRICS}
+
+
+@dataclass
 class GroupStats:
-    """Statistics of one population of rows: counts by status and the moments of its ok scores."""
+    """Statistics of one population of rows: counts by status, the moments of its ok SSIM scores, and the
+    statistics of its other metrics (`scores`, by name: OTHER_METRICS)."""
 
     status_counts: Dict[str, int] = field(default_factory=dict)
     moments: Moments = field(default_factory=Moments)
+    scores: Dict[str, MetricStats] = field(default_factory=_empty_scores)
 
     @property
     def rows(self) -> int:
@@ -139,7 +243,8 @@ def merge_group_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     counts = dict(a.status_counts)
     for status, n in b.status_counts.items():
         counts[status] = counts.get(status, 0) + n
-    return GroupStats(dict(sorted(counts.items())), merge_moments(a.moments, b.moments))
+    scores = {metric: merge_metric_stats(a.scores[metric], b.scores[metric]) for metric in OTHER_METRICS}
+    return GroupStats(dict(sorted(counts.items())), merge_moments(a.moments, b.moments), scores)
 
 
 @dataclass(frozen=True)
@@ -260,8 +365,8 @@ def _moments_to_json(m: Moments) -> Dict[str, Any]:
     }
 
 
-def _moments_from_json(d: Mapping[str, Any]) -> Moments:
-    hist = np.zeros(HIST_BINS, dtype=np.int64)
+def _moments_from_json(d: Mapping[str, Any], metric: str = "ssim") -> Moments:
+    hist = np.zeros(HISTOGRAMS[metric].bins, dtype=np.int64)
     for index, count in d["hist"]:
         hist[index] = count
     if not d["count"]:
@@ -270,11 +375,16 @@ def _moments_from_json(d: Mapping[str, Any]) -> Moments:
 
 
 def _group_to_json(g: GroupStats) -> Dict[str, Any]:
-    return {"status_counts": g.status_counts, "moments": _moments_to_json(g.moments)}
+    scores = {metric: {"moments": _moments_to_json(m.moments), "infinite": m.infinite, "undefined": m.undefined}
+              for metric, m in g.scores.items()}
+    return {"status_counts": g.status_counts, "moments": _moments_to_json(g.moments), "scores": scores}
 
 
 def _group_from_json(d: Mapping[str, Any]) -> GroupStats:
-    return GroupStats(dict(d["status_counts"]), _moments_from_json(d["moments"]))
+    scores = _empty_scores()  # markers written before PSNR and MS-SSIM were kept have none
+    for metric, m in (d.get("scores") or {}).items():
+        scores[metric] = MetricStats(_moments_from_json(m["moments"], metric), m["infinite"], dict(m["undefined"]))
+    return GroupStats(dict(d["status_counts"]), _moments_from_json(d["moments"]), scores)
 
 
 def stats_to_json(stats: ShardStats) -> Dict[str, Any]:
@@ -289,6 +399,7 @@ def stats_to_json(stats: ShardStats) -> Dict[str, Any]:
         "worst_k": stats.worst_k,
         "examples_per_status": stats.examples_per_status,
         "hist_bins": HIST_BINS,
+        "histograms": {metric: layout.as_json() for metric, layout in HISTOGRAMS.items()},
         "overall": _group_to_json(stats.overall),
         "groups": {key: _group_to_json(value) for key, value in stats.groups.items()},
         "worst": [vars(p) for p in stats.worst],
@@ -309,6 +420,9 @@ def stats_from_json(d: Mapping[str, Any]) -> ShardStats:
     """
     if d.get("hist_bins") != HIST_BINS:
         raise ValueError(f"statistics must use {HIST_BINS} histogram bins, got {d.get('hist_bins')!r}")
+    layouts = {metric: layout.as_json() for metric, layout in HISTOGRAMS.items()}
+    if "histograms" in d and d["histograms"] != layouts:
+        raise ValueError(f"statistics must use the histogram layouts {layouts}, got {d['histograms']!r}")
     return ShardStats(
         group_by=d["group_by"],
         worst_k=d["worst_k"],

@@ -14,7 +14,18 @@ import pyarrow.compute as pc
 
 from ssim_ray import statuses
 from ssim_ray.config import SummaryConfig
-from ssim_ray.output.stats import FailureExample, GroupStats, ShardStats, WorstPair, empty_stats, k_worst, moments_of
+from ssim_ray.output.stats import (
+    OTHER_METRICS,
+    FailureExample,
+    GroupStats,
+    MetricStats,
+    ShardStats,
+    WorstPair,
+    empty_stats,
+    k_worst,
+    metric_stats_of,
+    moments_of,
+)
 
 # The group of rows whose group_by value is null (groups are JSON object keys, so they need a string).
 GROUP_NULL = "(null)"
@@ -96,6 +107,42 @@ def ok_scores(table: pa.Table, ok: np.ndarray) -> np.ndarray:
     return scores
 
 
+# The column that gives the reason an ok row has no value of a metric (output/schema.py owns the columns).
+UNDEFINED_COLUMNS = {"ms_ssim": "ms_ssim_undefined"}
+
+
+def metric_values(table: pa.Table, ok: np.ndarray, metric: str) -> Tuple[np.ndarray, np.ndarray]:
+    """A metric's float64 values on the ok rows (NaN where null: not computed, or undefined) and the reason
+    of each ok row without one (None where there is none); a table without the columns has none.
+
+    Example:
+        >>> t = pa.table({"status": ["ok", "ok"], "ms_ssim": [0.9, None], "ms_ssim_undefined": [None, "too_small"]})
+        >>> values, reasons = metric_values(t, np.array([True, True]), "ms_ssim")
+        >>> values.tolist()[0], reasons.tolist()
+        (0.9, [None, 'too_small'])
+    """
+    count = int(np.count_nonzero(ok))
+    if metric not in table.column_names:
+        return np.full(count, np.nan), np.full(count, None, dtype=object)
+    values = table[metric].to_numpy(zero_copy_only=False).astype(np.float64)[ok]
+    column = UNDEFINED_COLUMNS.get(metric)
+    if column is None or column not in table.column_names:
+        return values, np.full(count, None, dtype=object)
+    return values, table[column].to_numpy(zero_copy_only=False).astype(object)[ok]
+
+
+def _other_scores(table: pa.Table, ok: np.ndarray) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    return {metric: metric_values(table, ok, metric) for metric in OTHER_METRICS}
+
+
+def _scores_of(columns: Dict[str, Tuple[np.ndarray, np.ndarray]], mask: Optional[np.ndarray] = None
+               ) -> Dict[str, MetricStats]:
+    """MetricStats of every other metric over the ok rows selected by `mask` (None: all of them)."""
+    return {metric: metric_stats_of(metric, values if mask is None else values[mask],
+                                    reasons if mask is None else reasons[mask])
+            for metric, (values, reasons) in columns.items()}
+
+
 def _status_counts(codes: np.ndarray, names: list) -> Dict[str, int]:
     counts = np.bincount(codes, minlength=len(names))
     return {name: int(counts[i]) for i, name in sorted(enumerate(names), key=lambda item: item[1]) if counts[i]}
@@ -116,7 +163,7 @@ def stats_from_table(
         The ShardStats of `table`.
 
     Raises:
-        ValueError: an ok row without a finite ssim, or a `group_by` that is not a usable column.
+        ValueError: an ok row without a finite ssim, a value of -inf, or a `group_by` that is not a usable column.
 
     Example:
         >>> t = pa.table({"pair_id": ["a", "b"], "ssim": [0.5, None], "status": ["ok", "missing"],
@@ -128,24 +175,26 @@ def stats_from_table(
     codes, status_names, ok = status_codes(table)
     scores = ok_scores(table, ok)
     stats = empty_stats(group_by=group_by, worst_k=worst_k, examples_per_status=examples_per_status)
-    stats.overall = GroupStats(_status_counts(codes, status_names), moments_of(scores))
+    others = _other_scores(table, ok)
+    stats.overall = GroupStats(_status_counts(codes, status_names), moments_of(scores), _scores_of(others))
     keys = group_keys(table, group_by) if group_by is not None else None
     if keys is not None:
-        stats.groups = _groups_of(keys, codes, status_names, ok, scores)
+        stats.groups = _groups_of(keys, codes, status_names, ok, scores, others)
     stats.worst = _worst_rows(table, ok, scores, keys, worst_k)
     stats.failure_examples = _failure_examples(table, codes, status_names, examples_per_status)
     return stats
 
 
 def _groups_of(keys: pa.Array, codes: np.ndarray, status_names: list, ok: np.ndarray,
-               scores: np.ndarray) -> Dict[str, GroupStats]:
+               scores: np.ndarray, others: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Dict[str, GroupStats]:
     group_codes, group_names = value_codes(keys)
     ok_group_codes = group_codes[ok]
     groups = {}
     for code, name in enumerate(group_names):
         in_group = group_codes == code
-        groups[name] = GroupStats(_status_counts(codes[in_group], status_names),
-                                  moments_of(scores[ok_group_codes == code]))
+        ok_in_group = ok_group_codes == code
+        groups[name] = GroupStats(_status_counts(codes[in_group], status_names), moments_of(scores[ok_in_group]),
+                                  _scores_of(others, ok_in_group))
     return dict(sorted(groups.items()))
 
 

@@ -24,6 +24,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ssim_ray.config import METRIC_LABELS, METRIC_UNITS
 from ssim_ray.report.bins import cdf_points, dense_histogram, display_range, rebin
 
 MAX_GROUP_PLOTS = 12  # groups beyond this are in the table, not plotted (the largest by ok pairs are)
@@ -110,7 +111,7 @@ def _gate_lines(axes: Any, thresholds: Sequence[float]) -> None:
 
 def histogram_figure(edges: np.ndarray, counts: np.ndarray, *, title: str, color: str = MAIN_COLOR,
                      thresholds: Sequence[float] = (), size: Tuple[int, int] = (560, 300),
-                     legend: bool = True) -> Figure:
+                     legend: bool = True, xlabel: str = "SSIM") -> Figure:
     """Bars of display-bin counts over their SSIM edges (one bar per bin, in bin order).
 
     Args:
@@ -121,6 +122,7 @@ def histogram_figure(edges: np.ndarray, counts: np.ndarray, *, title: str, color
         thresholds: quality-gate thresholds drawn as dashed lines.
         size: (width, height) on the page in CSS pixels.
         legend: name the gate lines in a legend (small multiples leave it out: it would cover bars).
+        xlabel: the metric (and unit) on the x axis.
 
     Returns:
         The figure; its one axes holds the bars as patches.
@@ -134,7 +136,7 @@ def histogram_figure(edges: np.ndarray, counts: np.ndarray, *, title: str, color
     axes = figure.add_subplot()
     axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=color, linewidth=0)
     _gate_lines(axes, thresholds)
-    axes.set(title=title, xlabel="SSIM", ylabel="pairs", xlim=(edges[0], edges[-1]))
+    axes.set(title=title, xlabel=xlabel, ylabel="pairs", xlim=(edges[0], edges[-1]))
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(axis="y", color="#e4e4e4")
     axes.set_axisbelow(True)
@@ -144,7 +146,7 @@ def histogram_figure(edges: np.ndarray, counts: np.ndarray, *, title: str, color
 
 
 def cdf_figure(series: Sequence[Tuple[str, np.ndarray, np.ndarray]], *, title: str,
-               thresholds: Sequence[float] = (), size: Tuple[int, int] = (560, 300)) -> Figure:
+               thresholds: Sequence[float] = (), size: Tuple[int, int] = (560, 300), xlabel: str = "SSIM") -> Figure:
     """CDF lines (fraction of ok pairs below each SSIM), one per (label, xs, ys) series.
 
     Args:
@@ -152,6 +154,7 @@ def cdf_figure(series: Sequence[Tuple[str, np.ndarray, np.ndarray]], *, title: s
         title: the figure's title.
         thresholds: quality-gate thresholds drawn as dashed lines.
         size: (width, height) on the page in CSS pixels.
+        xlabel: the metric (and unit) on the x axis.
 
     Returns:
         The figure; its axes holds one line per series, in order, then the gate lines.
@@ -168,7 +171,7 @@ def cdf_figure(series: Sequence[Tuple[str, np.ndarray, np.ndarray]], *, title: s
     _gate_lines(axes, thresholds)
     lo = min(float(xs[0]) for _, xs, _ in series)
     hi = max(float(xs[-1]) for _, xs, _ in series)
-    axes.set(title=title, xlabel="SSIM", ylabel="fraction of pairs below", ylim=(0, 1.02),
+    axes.set(title=title, xlabel=xlabel, ylabel="fraction of pairs below", ylim=(0, 1.02),
              xlim=(lo, hi if hi > lo else lo + 0.05))
     axes.grid(color="#e4e4e4")
     if len(series) > 1 or thresholds:
@@ -177,7 +180,7 @@ def cdf_figure(series: Sequence[Tuple[str, np.ndarray, np.ndarray]], *, title: s
 
 
 def percentile_figure(groups: Mapping[str, Mapping[str, Any]], names: Sequence[str], *, by: str,
-                      thresholds: Sequence[float] = ()) -> Figure:
+                      thresholds: Sequence[float] = (), metric: str = "ssim") -> Figure:
     """One row per group, lowest mean on top: a line p5..p95, a box p25..p75, a dot at p50, a cross at min.
 
     Args:
@@ -185,9 +188,10 @@ def percentile_figure(groups: Mapping[str, Mapping[str, Any]], names: Sequence[s
         names: the groups to draw (each with ok pairs).
         by: the group column's name (axis label).
         thresholds: quality-gate thresholds drawn as dashed lines.
+        metric: whose block of each group (`ssim`, `psnr`, `ms_ssim`).
 
     Returns:
-        The figure; rows are in `ordered_by_mean(groups, names)` order from the top.
+        The figure; rows are in `ordered_by_mean(groups, names, metric)` order from the top.
 
     Example:
         >>> g = {"a": {"ssim": {"mean": 0.9, "min": 0.5, "percentiles": {"p5": 0.8, "p25": 0.85, "p50": 0.9,
@@ -195,11 +199,11 @@ def percentile_figure(groups: Mapping[str, Mapping[str, Any]], names: Sequence[s
         >>> percentile_figure(g, ["a"], by="codec").axes[0].get_yticklabels()[0].get_text()
         'a'
     """
-    ordered = ordered_by_mean(groups, names)
+    ordered = ordered_by_mean(groups, names, metric)
     figure = new_figure(760, 90 + 26 * len(ordered))
     axes = figure.add_subplot()
     rows = np.arange(len(ordered))
-    stats = [groups[name]["ssim"] for name in ordered]
+    stats = [groups[name][metric] for name in ordered]
     pct = {key: np.array([s["percentiles"][key] for s in stats], dtype=float)
            for key in ("p5", "p25", "p50", "p75", "p95")}
     axes.hlines(rows, pct["p5"], pct["p95"], color="#6b8fbf", linewidth=1.5, label="p5 – p95")
@@ -209,21 +213,22 @@ def percentile_figure(groups: Mapping[str, Mapping[str, Any]], names: Sequence[s
     _gate_lines(axes, thresholds)
     axes.set_yticks(rows, [name[:30] for name in ordered])
     axes.invert_yaxis()
-    axes.set(title=f"SSIM percentiles by {by}, lowest mean on top", xlabel="SSIM")
+    label = METRIC_LABELS[metric]
+    axes.set(title=f"{label} percentiles by {by}, lowest mean on top", xlabel=label + METRIC_UNITS[metric])
     axes.grid(axis="x", color="#e4e4e4")
     axes.set_axisbelow(True)
     figure.legend(loc="outside lower center", frameon=False, fontsize="small", ncols=5)
     return figure
 
 
-def ordered_by_mean(groups: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> List[str]:
-    """The names sorted by their group's mean SSIM, lowest first (ties by name).
+def ordered_by_mean(groups: Mapping[str, Mapping[str, Any]], names: Sequence[str], metric: str = "ssim") -> List[str]:
+    """The names sorted by their group's mean of `metric` (default SSIM), lowest first (ties by name).
 
     Example:
         >>> ordered_by_mean({"a": {"ssim": {"mean": 0.9}}, "b": {"ssim": {"mean": 0.5}}}, ["a", "b"])
         ['b', 'a']
     """
-    return sorted(names, key=lambda name: (groups[name]["ssim"]["mean"], name))
+    return sorted(names, key=lambda name: (groups[name][metric]["mean"], name))
 
 
 def message_figure(message: str, *, size: Tuple[int, int] = (560, 120)) -> Figure:
@@ -307,7 +312,69 @@ def summary_charts(summary: Mapping[str, Any]) -> List[Chart]:
         Chart("ssim_cdf.png", "Fraction of ok pairs below each SSIM (at 0.001 steps)",
               cdf_figure([("all", xs, ys)], title="SSIM CDF, all ok pairs", thresholds=gates)),
     ]
-    return charts + _group_charts(summary, lo=lo, hi=hi)
+    charts += _group_charts(summary, lo=lo, hi=hi)
+    for metric in other_metrics(summary):
+        charts += metric_charts(summary, metric)
+    return charts
+
+
+def other_metrics(summary: Mapping[str, Any]) -> List[str]:
+    """The metrics besides SSIM the run computed (the metric block's `metrics`) that the summary has blocks for.
+
+    Example:
+        >>> other_metrics({"metric": {"metrics": ["ssim", "ms_ssim"]}, "ms_ssim": {}})
+        ['ms_ssim']
+    """
+    chosen = (summary.get("metric") or {}).get("metrics") or ["ssim"]
+    return [m for m in chosen if m != "ssim" and m in summary]
+
+
+def metric_charts(summary: Mapping[str, Any], metric: str) -> List[Chart]:
+    """The figures of one metric besides SSIM: histogram and CDF of its finite values, and the groups'
+    percentile ranges (the `plotted_groups` with a value); file names <metric>_histogram.png,
+    <metric>_cdf.png, <metric>_groups_box.png.
+
+    Example:
+        >>> s = {"psnr": {"count": 0, "min": None, "max": None, "histogram": {"counts": []}}, "groups": {}}
+        >>> [c.name for c in metric_charts(s, "psnr")]
+        ['psnr_histogram.png', 'psnr_cdf.png']
+    """
+    block, label = summary[metric], METRIC_LABELS[metric]
+    xlabel = label + METRIC_UNITS[metric]
+    if not block["count"]:
+        empty = message_figure(f"no finite {label} value to plot")
+        return [Chart(f"{metric}_histogram.png", f"{label} histogram: no finite value", empty),
+                Chart(f"{metric}_cdf.png", f"{label} CDF: no finite value", message_figure("nothing to plot"))]
+    lo, hi = display_range(block["min"], block["max"], metric)
+    counts = dense_histogram(block["histogram"]["counts"], metric)
+    edges, binned = rebin(counts, lo=lo, hi=hi, metric=metric)
+    xs, ys = cdf_points(counts, lo=lo, hi=hi, metric=metric)
+    gates = metric_gate_thresholds(summary, metric, per_group=False)
+    charts = [
+        Chart(f"{metric}_histogram.png", f"{label} of {block['count']:,} ok pairs with a finite value, "
+              f"{len(binned)} bins", histogram_figure(edges, binned, title=f"{label} histogram", thresholds=gates,
+                                                      xlabel=xlabel)),
+        Chart(f"{metric}_cdf.png", f"Fraction of those pairs below each {label}",
+              cdf_figure([("all", xs, ys)], title=f"{label} CDF", thresholds=gates, xlabel=xlabel)),
+    ]
+    groups, by = summary.get("groups") or {}, summary.get("group_by")
+    names = [g for g in plotted_groups(summary) if groups[g][metric]["count"]]
+    if names:
+        charts.append(Chart(f"{metric}_groups_box.png", f"{label} percentiles of each {by}",
+                            percentile_figure(groups, names, by=by, metric=metric,
+                                              thresholds=metric_gate_thresholds(summary, metric, per_group=True))))
+    return charts
+
+
+def metric_gate_thresholds(summary: Mapping[str, Any], metric: str, *, per_group: bool) -> Tuple[float, ...]:
+    """The thresholds of `metric`'s gates the summary was merged with (`audit.min_psnr`, `audit.group_min_psnr`...).
+
+    Example:
+        >>> metric_gate_thresholds({"audit": {"min_psnr": 30.0}}, "psnr", per_group=False)
+        (30.0,)
+    """
+    value = (summary.get("audit") or {}).get(f"{'group_' if per_group else ''}min_{metric}")
+    return () if value is None else (float(value),)
 
 
 def _group_charts(summary: Mapping[str, Any], *, lo: float, hi: float) -> List[Chart]:

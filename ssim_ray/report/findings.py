@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from ssim_ray import statuses
-from ssim_ray.config import AuditConfig
+from ssim_ray.config import METRIC_LABELS, METRIC_UNITS, SCORE_GATES, AuditConfig
 from ssim_ray.output.gates import GateViolation, evaluate_gates, exit_code
-from ssim_ray.report.charts import ordered_by_mean
+from ssim_ray.report.charts import ordered_by_mean, other_metrics
 from ssim_ray.report.markup import esc, number, number_cell, setting_text
 
 WORST_GROUPS = 5  # the groups with the 5 lowest means, and any other among the 5 lowest p5
@@ -41,14 +41,34 @@ def _evaluated(summary: Mapping[str, Any]) -> Tuple[Optional[List[GateViolation]
         return None, str(error)
 
 
+def _below_label(entry: Mapping[str, Any]) -> str:
+    metric = entry.get("metric", "ssim")  # entries written before other metrics had gates are SSIM's
+    return f"{METRIC_LABELS[metric]} {setting_text(entry['threshold'])}{METRIC_UNITS[metric]}"
+
+
 def _below_tile(summary: Mapping[str, Any], index: int, violations: Optional[List[GateViolation]]) -> str:
     entry, audit = summary["below"][index], summary.get("audit") or {}
-    gates = [gate for gate in ("min_ssim", "group_min_ssim") if audit.get(gate) == entry["threshold"]]
+    metric = entry.get("metric", "ssim")
+    gates = [g.name for g in SCORE_GATES if g.metric == metric and audit.get(g.name) == entry["threshold"]]
     css = "" if violations is None or not gates else "bad" if any(v.gate in gates for v in violations) else "good"
     gate_note = "; gate " + ", ".join(f"audit.{g}" for g in gates) if gates else ""
-    return _tile(f"below SSIM {setting_text(entry['threshold'])}", number(entry["count"], ["below", index, "count"]),
+    judged = "ok pairs judged by MS-SSIM" if metric == "ms_ssim" else "ok pairs"
+    return _tile(f"below {_below_label(entry)}", number(entry["count"], ["below", index, "count"]),
                  f"{number(entry['fraction'], ['below', index, 'fraction'], digits=2, percent=True)} of "
-                 f"{number(entry['ok'], ['below', index, 'ok'])} ok pairs{esc(gate_note)}", css=css)
+                 f"{number(entry['ok'], ['below', index, 'ok'])} {judged}{esc(gate_note)}", css=css)
+
+
+def _metric_tile(summary: Mapping[str, Any], metric: str) -> str:
+    """Mean and p5 of a metric besides SSIM, with what its mean leaves out (+inf, undefined pairs)."""
+    block, label, digits = summary[metric], METRIC_LABELS[metric], 2 if metric == "psnr" else 4
+    apart = []
+    if block.get("infinite"):
+        apart.append(f"{number(block['infinite'], [metric, 'infinite'], digits=digits)} +inf (identical)")
+    for reason, count in (block.get("undefined") or {}).items():
+        apart.append(f"{number(count, [metric, 'undefined', reason], digits=digits)} undefined ({esc(reason)})")
+    detail = (f"p5 {number(block['percentiles'].get('p5'), [metric, 'percentiles', 'p5'], digits=digits)} · "
+              f"min {number(block['min'], [metric, 'min'], digits=digits)}" + "".join(f"<br>{a}" for a in apart))
+    return _tile(f"mean {label}{METRIC_UNITS[metric]}", number(block["mean"], [metric, "mean"], digits=digits), detail)
 
 
 def _tiles(summary: Mapping[str, Any], violations: Optional[List[GateViolation]]) -> str:
@@ -66,6 +86,7 @@ def _tiles(summary: Mapping[str, Any], violations: Optional[List[GateViolation]]
               f"p5 {number(ssim['percentiles'].get('p5'), ['ssim', 'percentiles', 'p5'])} · "
               f"min {number(ssim['min'], ['ssim', 'min'])}"),
     ]
+    tiles += [_metric_tile(summary, metric) for metric in other_metrics(summary)]
     tiles += [_below_tile(summary, index, violations) for index in range(len(summary.get("below") or []))]
     if summary.get("complete") is False:
         missing = (summary.get("shards") or {}).get("missing")
@@ -130,7 +151,7 @@ def _worst_groups(summary: Mapping[str, Any]) -> str:
     names = worst_group_names(groups)
     below = [(i, e) for i, e in enumerate(summary.get("below") or []) if e.get("groups")]
     head = (f"<tr><th>{esc(by)}</th><th>ok pairs</th><th>mean</th><th>p5</th><th>min</th>"
-            + "".join(f"<th>below {esc(setting_text(e['threshold']))}</th>" for _, e in below) + "</tr>")
+            + "".join(f"<th>below {esc(_below_label(e))}</th>" for _, e in below) + "</tr>")
     body = "".join(_worst_group_row(summary, name, below) for name in names)
     empty = [name for name, group in groups.items() if not group["ssim"]["count"]]
     note = (f'<p class="bad">No ok pair at all in {len(empty)} {esc(by)} group(s): '

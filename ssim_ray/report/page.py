@@ -2,8 +2,8 @@
 Content-Security-Policy that lets nothing load from anywhere (only data: images, and our own style and
 script, allowed by hash).
 
-Owns the order of the sections: key findings first, then distribution, groups, worst pairs, failures, and
-the run's facts at the end.
+Owns the order of the sections: key findings first, then the SSIM distribution, groups, one section per
+other metric the run computed (PSNR, MS-SSIM), worst pairs, failures, and the run's facts at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from ssim_ray.report.charts import Plot
 from ssim_ray.report.findings import findings_section
 from ssim_ray.report.markup import esc
+from ssim_ray.report.metric_sections import metric_nav, metric_sections
 from ssim_ray.report.sections import (
     distribution_section,
     facts_section,
@@ -123,9 +124,10 @@ def render_html(summary: Mapping[str, Any], *, plots: Sequence[Plot], panels: Se
     title = f"SSIM audit: {output_url}"
     metric = summary.get("metric") or {}
     sections = [findings_section(summary), distribution_section(summary, plots), groups_section(summary, plots),
-                worst_section(panels, win_size=metric.get("win_size", 11)), failures_section(summary),
-                facts_section(summary, output_url)]
-    nav = "".join(f'<a href="#{anchor}">{esc(label)}</a>' for anchor, label in NAV)
+                metric_sections(summary, plots), worst_section(panels, win_size=metric.get("win_size", 11)),
+                failures_section(summary), facts_section(summary, output_url)]
+    entries = list(NAV[:3]) + metric_nav(summary) + list(NAV[3:])
+    nav = "".join(f'<a href="#{anchor}">{esc(label)}</a>' for anchor, label in entries)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{esc(csp())}">'
