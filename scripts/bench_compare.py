@@ -17,8 +17,10 @@ row count; scripts/bench_report.py measures it). Prints one table with the machi
 docs/BENCHMARKS.md. Given again, `--workdir` reuses the runs it built.
 
 Peak RSS is read from /proc/self/status (VmHWM) when the join ends (the statistics start) and at the end.
-"Kept" is what the statistics keep by design: 12 bytes per paired pair per metric (float64 delta, int32
-group code).
+"Spilled" is what the statistics keep on local disk, not in memory: 12 bytes per paired pair per metric
+(float64 delta as an order key, int32 group code), read back for exact percentiles and the histogram.
+Set PYTHONPATH to another tree's root (e.g. `git archive <commit> ssim_ray | tar -x -C /tmp/old`) with the
+same `--workdir` to time that version of the comparison on the same files.
 """
 
 from __future__ import annotations
@@ -98,10 +100,12 @@ def _results(rows: pa.Table, scores: Dict[str, np.ndarray], failed: np.ndarray) 
     }
     for name, values in scores.items():
         columns[name] = pa.array(values, mask=failed)
-    arrays = [pa.array(columns[f.name]).cast(f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
-              else columns[f.name].cast(f.type) for f in RESULT_SCHEMA]
+    # Every result column, as an audit writes them (per-channel scores and MS-SSIM's reason null here).
+    arrays = [pa.nulls(n, f.type) if f.name not in columns else columns[f.name].cast(f.type)
+              if isinstance(columns[f.name], (pa.Array, pa.ChunkedArray)) else pa.array(columns[f.name]).cast(f.type)
+              for f in RESULT_SCHEMA]
     names = list(RESULT_SCHEMA.names)
-    for name in ("psnr", "ms_ssim"):
+    for name in [m for m in scores if m not in names]:  # audits from before PSNR and MS-SSIM were columns
         arrays.append(columns[name])
         names.append(name)
     for name in ("image", "distortion", "level", "color"):
@@ -113,7 +117,7 @@ def _results(rows: pa.Table, scores: Dict[str, np.ndarray], failed: np.ndarray) 
 def _facts(folder: Path, plan: str) -> None:
     from ssim_ray.config import SSIMConfig
 
-    metric = SSIMConfig().describe()
+    metric = SSIMConfig().describe(["ssim", "psnr", "ms_ssim"])
     (folder / "summary.json").write_text(json.dumps({"metric": metric, "plan_fingerprint": plan, "complete": True,
                                                      "group_by": "distortion", "run_id": folder.name}))
     (folder / "_run.json").write_text(json.dumps({"metric": metric, "plan_fingerprint": plan, "source": {},
@@ -198,7 +202,7 @@ def phase_compare(baseline: str, candidate: str, out: str) -> Dict[str, float]:
     return {"seconds": seconds, "cpu_seconds": cpu, "mode": summary["join"]["mode"],
             "partitions": summary["join"]["partitions"], "pair_ids": summary["pairs"]["pair_ids"],
             "rss_before_mib": before["VmRSS"] / 1024, "join_peak_mib": at_join_end["peak_kib"] / 1024,
-            "peak_mib": after["VmHWM"] / 1024, "kept_mib": paired * 12 / 2**20,
+            "peak_mib": after["VmHWM"] / 1024, "spilled_mib": paired * 12 / 2**20,
             "phases": summary["seconds"], "verdict": summary["results"]["ssim"]["overall"]["verdict"]}
 
 
@@ -241,8 +245,7 @@ def main() -> None:
                 f"| {result['pair_ids']:,} | {result['seconds']:.1f} | "
                 f"{phases['join']:.1f} / {phases['statistics']:.1f} / "
                 f"{phases.get('report', 0):.1f} | {result['cpu_seconds']:.1f} | {result['join_peak_mib']:.0f} | "
-                f"{result['peak_mib']:.0f} | {result['kept_mib']:.0f} | "
-                f"{result['peak_mib'] - result['kept_mib']:.0f} |")
+                f"{result['peak_mib']:.0f} | {result['spilled_mib']:.0f} |")
             print(f"[bench_compare] {rows:,} rows, {candidate}: built in {built:.0f} s; {result}", file=sys.stderr)
     with open("/proc/loadavg") as load:
         load_average = load.read().split()[0]
@@ -252,8 +255,8 @@ def main() -> None:
           f"{load_average} at the end (other jobs share the cores)")
     print("3 metrics (ssim, psnr, ms_ssim), 5 groups, default settings (1000 bootstrap resamples of at most 50,000)")
     print("| rows per run | join | pair_ids | wall s | join / statistics / report s | CPU s | peak RSS at join end MiB "
-          "| peak RSS MiB | kept deltas MiB | peak − kept MiB |")
-    print("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|")
+          "| peak RSS MiB | deltas spilled to disk MiB |")
+    print("|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for line in lines:
         print(line)
 

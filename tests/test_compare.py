@@ -25,8 +25,9 @@ from ssim_ray.compare import (
     CompareRefusedError,
     compare_runs,
 )
-from ssim_ray.compare.accumulate import within_k
+from ssim_ray.compare.accumulate import HashSample, within_k
 from ssim_ray.compare.join import pair_hashes
+from ssim_ray.compare.spill import ALL, DeltaSpill, linear_positions, linear_value, order_statistics
 from ssim_ray.compare.statistics import bootstrap_interval, seed_for
 from ssim_ray.config import SSIMConfig
 from ssim_ray.output import gates as audit_gates
@@ -178,12 +179,13 @@ def test_allowed_metric_differences_are_stated_at_the_top_of_the_report(tmp_path
 
 def test_settings_of_a_metric_not_compared_do_not_refuse(tmp_path):
     rows = _scored_rows(6, 6, psnr=True)
-    older = {k: v for k, v in SSIMConfig().describe().items() if k not in ("psnr", "ms_ssim", "ms_ssim_weights")}
-    a = write_audit(tmp_path / "a", rows, metric=older)  # a run from before PSNR was recorded
+    older = {k: v for k, v in SSIMConfig().describe(["ssim"]).items()
+             if k not in ("psnr", "ms_ssim", "ms_ssim_weights")}
+    a = write_audit(tmp_path / "a", rows, metric=older, legacy=True)  # a run from before PSNR was recorded
     b = write_audit(tmp_path / "b", rows, scores=("ssim", "psnr"))
     _, _, summary = _compare(tmp_path, a, b)
     assert summary["metrics"] == ["ssim"] and summary["metric_settings"]["same"]
-    changed = SSIMConfig().describe()
+    changed = SSIMConfig().describe(["ssim", "psnr"])
     changed["psnr"] = {**changed["psnr"], "precision": "fp64"}
     c = write_audit(tmp_path / "c", rows, scores=("ssim", "psnr"), metric=changed)
     with pytest.raises(CompareRefusedError, match=r"psnr.precision: baseline 'fp32', candidate 'fp64'"):
@@ -192,14 +194,40 @@ def test_settings_of_a_metric_not_compared_do_not_refuse(tmp_path):
     assert summary["metrics"] == ["ssim"]
 
 
-def test_metrics_are_the_score_columns_both_runs_hold(tmp_path):
+def test_metrics_are_those_both_runs_computed(tmp_path):
     rows = _scored_rows(6, 7, psnr=True)
     a = write_audit(tmp_path / "a", rows, scores=("ssim", "psnr"))
-    b = write_audit(tmp_path / "b", rows)
+    b = write_audit(tmp_path / "b", rows)  # every column, PSNR's null: the metric block says only ssim
+    assert "psnr" in pq.read_schema(Path(b) / "ssim.parquet").names
     _, compared, summary = _compare(tmp_path, a, b)
     assert summary["metrics"] == ["ssim"] and "delta_psnr" not in next(iter(compared.values()))
-    with pytest.raises(CompareRefusedError, match=r"compare.metrics=\['psnr'\] must name columns both runs hold"):
+    assert summary["metric_settings"]["same"]  # which metrics were computed is no setting
+    with pytest.raises(CompareRefusedError, match=r"compare.metrics=\['psnr'\] must name metrics both runs computed; "
+                                                  r"\['psnr'\] missing from candidate"):
         _compare(tmp_path, a, b, "psnr", metrics=["psnr"])
+
+
+def test_every_metric_both_runs_computed_is_compared(tmp_path):
+    rows = [dict(r, ms_ssim=r["ssim"] ** 2) for r in _scored_rows(60, 17, psnr=True)]
+    moved = [dict(r, psnr=r["psnr"] - 0.5, ms_ssim=r["ms_ssim"] - 0.01) if r["codec"] == "avif" else r for r in rows]
+    every = ("ssim", "psnr", "ms_ssim")
+    a, b = write_audit(tmp_path / "a", rows, scores=every), write_audit(tmp_path / "b", moved, scores=every)
+    _, compared, summary = _compare(tmp_path, a, b)
+    assert summary["metrics"] == list(every)
+    results = summary["results"]
+    assert results["ssim"]["overall"]["verdict"] == "no significant change"
+    for metric, drop in (("psnr", -0.5), ("ms_ssim", -0.01)):
+        verdicts = {g: s["verdict"] for g, s in results[metric]["groups"].items()}
+        assert verdicts == {"avif": "regressed", "jpeg": "no significant change", "webp": "no significant change"}
+        assert results[metric]["groups"]["avif"]["mean"] == pytest.approx(drop)
+        assert all(r[f"delta_{metric}"] == pytest.approx(drop if r["group"] == "avif" else 0.0)
+                   for r in compared.values())
+    # Old runs (only the columns they computed, no list) are compared on the columns both hold.
+    c = write_audit(tmp_path / "c", rows, scores=("ssim", "ms_ssim"), legacy=True)
+    d = write_audit(tmp_path / "d", moved, scores=("ssim", "ms_ssim"), legacy=True)
+    _, _, summary = _compare(tmp_path, c, d, "legacy")
+    assert summary["metrics"] == ["ssim", "ms_ssim"]
+    assert summary["results"]["ms_ssim"]["groups"]["avif"]["verdict"] == "regressed"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +284,7 @@ def test_aligned_and_partitioned_joins_give_the_same_comparison(tmp_path):
     changed[7] = row(changed[7]["pair_id"], status="unreadable", codec=changed[7]["codec"])
     a = write_audit(tmp_path / "a", rows, scores=("ssim", "psnr"), row_group_size=333)
     b = write_audit(tmp_path / "b", changed, scores=("ssim", "psnr"), row_group_size=250)
-    options = dict(bootstrap_resamples=200, worst_k=7, examples_k=3, batch_rows=97)
+    options = dict(bootstrap_resamples=200, bootstrap_max_sample=500, worst_k=7, examples_k=3, batch_rows=97)
     _, aligned_rows, aligned = _compare(tmp_path, a, b, "aligned", **options)
     _, split_rows, split = _compare(tmp_path, a, b, "split", join="partitioned", partition_rows=300, **options)
     assert (aligned["join"]["mode"], split["join"]["mode"]) == ("aligned", "partitioned")
@@ -325,6 +353,59 @@ def test_statistics_are_exact_and_the_interval_is_seeded(tmp_path):
     assert again["results"]["ssim"] == summary["results"]["ssim"]
     _, _, reseeded = _compare(tmp_path, a, b, "reseeded", seed=1)
     assert reseeded["results"]["ssim"]["overall"]["ci_low"] != stats["ci_low"]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "mostly_zero", "tiny"])
+def test_order_statistics_from_the_spill_are_numpys_percentiles(tmp_path, kind):
+    rng = np.random.default_rng(21)
+    n = 20_011
+    values = {"normal": rng.normal(0.0, 0.01, n), "ties": np.round(rng.normal(0.0, 3.0, n)) / 7,
+              "mostly_zero": np.where(rng.random(n) < 0.7, 0.0, rng.normal(-1e-3, 1e-4, n)),
+              "tiny": rng.normal(0.0, 1e-300, n)}[kind]
+    codes = rng.integers(0, 4, n).astype(np.int32)
+    codes[codes == 3] = 2  # a code without deltas: group 3 is never asked for
+    spill = DeltaSpill(str(tmp_path), kind)
+    for start in range(0, n, 997):
+        spill.add(values[start:start + 997], codes[start:start + 997])
+    sizes = {ALL: n, **{c: int((codes == c).sum()) for c in range(3)}}
+    qs = (0, 1, 5, 25, 50, 75, 95, 99, 100)
+    wanted = {c: sorted({r for lo, hi, _ in linear_positions(size, qs) for r in (lo, hi)}) for c, size in sizes.items()}
+    # Budgets this small force several counting reads before the few keys left are collected.
+    found = order_statistics(spill, wanted, sizes, chunk_rows=3000, bin_budget=256, collect_budget=600)
+    for code, size in sizes.items():
+        group = values if code == ALL else values[codes == code]
+        mine = [linear_value(found[(code, lo)], found[(code, hi)], w) for lo, hi, w in linear_positions(size, qs)]
+        assert mine == np.percentile(group, qs).tolist(), code  # bit for bit
+    with pytest.raises(ValueError, match="rank must be in"):
+        order_statistics(spill, {0: [sizes[0]]}, sizes)
+    spill.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kept_state_does_not_grow_with_rows(tmp_path):
+    rows = _scored_rows(3000, 22)
+    a = write_audit(tmp_path / "a", rows)
+    b = write_audit(tmp_path / "b", _shifted(rows, "jpeg", -0.01, every=2))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    _, _, summary = _compare(tmp_path, a, b, bootstrap_max_sample=100, batch_rows=250, spill_dir=str(spill))
+    assert list(spill.iterdir()) == []  # the deltas spilled to disk are removed at the end
+    sample = HashSample(100)
+    hashes = pair_hashes(pa.array([f"p{i}" for i in range(30_000)]))
+    group = np.arange(30_000) % 3
+    for start in range(0, 30_000, 500):
+        sample.add(hashes[start:start + 500], np.arange(start, start + 500, dtype=float), group[start:start + 500])
+        assert sample.hashes.size <= 2 * 100 * 4 + 500  # k per group and overall, pruned at twice that
+    # The bootstrap sample of a group: the deltas of its pairs with the k smallest hashes, whatever the order.
+    mine = np.flatnonzero(group == 1)
+    chosen = np.sort(mine[np.argsort(hashes[mine], kind="stable")[:100]].astype(float))
+    assert sample.values(1).tolist() == chosen.tolist()
+    # Above bootstrap_max_sample the interval still has the width of n (2 x 1.96 sigma / sqrt(n)).
+    jpeg = summary["results"]["ssim"]["groups"]["jpeg"]
+    deltas = np.array([r["ssim"] for r in _shifted(rows, "jpeg", -0.01, every=2)]) - np.array([r["ssim"] for r in rows])
+    spread = deltas[np.arange(3000) % 3 == 0].std()
+    assert jpeg["ci_high"] - jpeg["ci_low"] == pytest.approx(2 * 1.96 * spread / math.sqrt(1000), rel=0.25)
+    assert jpeg["ci_low"] < jpeg["mean"] < jpeg["ci_high"]
 
 
 def test_the_m_out_of_n_bootstrap_keeps_the_width_of_n():
@@ -467,3 +548,44 @@ def test_every_number_on_the_page_is_the_one_in_compare_json(tmp_path):
     assert page.index('id="verdict"') < page.index('id="pairing"') < page.index('id="regressions"')
     # The fixture's pairs have no image files: each side of each panel says why it shows none.
     assert page.count('class="pair"') == 2 and page.count("no images: pair not found in its shard") == 4
+
+
+def _exit_code_rows(text: str, heading: str) -> dict:
+    """The exit-code table of a README section: code -> meaning."""
+    section = text.split(heading, 1)[1].split("\n### ", 1)[0]
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^\| (\d+) \| (.+) \|$", section, re.MULTILINE)}
+
+
+def test_the_readme_documents_the_compare_exit_codes_beside_the_audits():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    audit = _exit_code_rows(text, "### Resume, faults, exit codes")
+    compare = _exit_code_rows(text, "### Compare two audits")
+    audit_codes = {audit_gates.EXIT_OK, 1, audit_gates.EXIT_QUALITY_GATE, audit_gates.EXIT_FAILURE_GATE,
+                   audit_gates.EXIT_INCOMPLETE}
+    assert set(audit) == audit_codes | {EXIT_COMPARE_GATE} and "jobs.compare" in audit[EXIT_COMPARE_GATE]
+    assert set(compare) == {0, 1, EXIT_COMPARE_GATE}
+    assert "compare.max_mean_drop" in compare[EXIT_COMPARE_GATE] and "compare.max_fraction_worse" in compare[6]
+
+
+def test_a_folder_ssim_parquet_from_a_large_merge_compares_like_the_file(tmp_path):
+    """Above output.merge.SINGLE_FILE_MAX_ROWS the merge writes ssim.parquet as a folder of part files (plan
+    order by name): the comparison reads it as the same rows, here a baseline split into three files."""
+    import pyarrow.parquet as pq
+
+    rows = _scored_rows(300, 3)
+    a = write_audit(tmp_path / "a", rows)
+    b = write_audit(tmp_path / "b", _shifted(rows, "webp", -0.05, every=2))
+    _, expected, expected_summary = _compare(tmp_path / "file", a, b)
+    merged = Path(a) / "ssim.parquet"
+    table = pq.read_table(merged)
+    merged.unlink()
+    merged.mkdir()
+    for index, start in enumerate(range(0, table.num_rows, 120)):
+        pq.write_table(table.slice(start, 120), merged / f"part-{index:06d}.parquet")
+    _, compared, summary = _compare(tmp_path / "folder", a, b)
+    assert summary["join"]["mode"] == expected_summary["join"]["mode"] == "aligned"
+    assert compared == expected
+    got, want = summary["results"]["ssim"]["overall"], expected_summary["results"]["ssim"]["overall"]
+    assert got.keys() == want.keys() and got["verdict"] == want["verdict"] == "regressed"
+    for key, value in want.items():  # means are sums in batch order: the last bit may differ across file bounds
+        assert got[key] == (pytest.approx(value, rel=1e-12, abs=1e-15) if isinstance(value, float) else value), key

@@ -119,6 +119,13 @@ def test_the_reencoded_subset_is_regressed_in_exactly_its_group(audits, regressi
     assert [w["pair_id"] for w in result["overall"]["worst"]] == drops[:6]
     assert result["overall"]["worst"][0]["delta"] == after[drops[0]]["ssim"] - before[drops[0]]["ssim"]
     assert summary["pairs"]["both_ok"] == len(before) == 51 and summary["pairs"]["pair_ids"] == 51
+    # Every metric both audits computed is compared (the audit's `metrics`, listed in its metric block).
+    computed = json.loads((Path(outputs["baseline"]) / "summary.json").read_text())["metric"].get("metrics", ["ssim"])
+    assert summary["metrics"] == computed
+    for metric in computed:
+        groups = summary["results"][metric]["groups"]
+        assert groups["jpeg"]["verdict"] == "regressed", metric
+        assert all(groups[g]["mean"] == 0.0 for g in ("blur", "contrast", "noise")), metric
 
 
 def test_an_identical_rerun_is_no_change_with_every_delta_exactly_zero(audits, rerun):
@@ -151,8 +158,10 @@ def test_the_worst_regressions_are_drawn_from_both_runs(audits, regression):
 
 
 IMAGE_COUNT = "document.images.length"
-GROUP_SORT = ("Array.from(document.querySelectorAll('table.groups tbody tr'))"
-              ".map(function (r) { return r.cells[3].getAttribute('data-sort'); })")
+# The mean-delta column of each metric's group table (SSIM's first), as sorted on the page.
+GROUP_SORT = ("Array.from(document.querySelectorAll('table.groups')).map(function (t) {"
+              " return Array.from(t.querySelectorAll('tbody tr'))"
+              ".map(function (r) { return r.cells[3].getAttribute('data-sort'); }); })")
 
 
 def test_compare_html_renders_in_headless_chromium(regression, tmp_path):
@@ -164,11 +173,13 @@ def test_compare_html_renders_in_headless_chromium(regression, tmp_path):
         assert [alt for complete, width, alt in images if not complete or width == 0] == []
         assert tools.errors() == []
         assert {url.split(":", 1)[0] for url in tools.requested_urls()} <= {"file", "data"}
-        means = [float(v) for v in tools.evaluate(GROUP_SORT)]
-        assert means == sorted(means) and means[0] < 0  # lowest mean delta first: jpeg
+        tables = [[float(v) for v in means] for means in tools.evaluate(GROUP_SORT)]
+        assert len(tables) == len(regression.summary["metrics"])  # one group table per compared metric
+        for means in tables:
+            assert means == sorted(means) and means[0] < 0  # lowest mean delta first: jpeg
         tools.evaluate("document.querySelectorAll('table.groups th')[3].click()")
         tools.evaluate("document.querySelectorAll('table.groups th')[3].click()")
-        assert [float(v) for v in tools.evaluate(GROUP_SORT)] == sorted(means, reverse=True)
+        assert [float(v) for v in tools.evaluate(GROUP_SORT)[0]] == sorted(tables[0], reverse=True)
         shot = np.asarray(tools.screenshot().convert("L"), dtype=np.float64)
     finally:
         tools.close()

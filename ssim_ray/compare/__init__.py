@@ -2,8 +2,9 @@
 
 `compare_runs(CompareJobConfig(baseline=<output.url>, candidate=<output.url>), output_url=...)` pairs the rows
 of the two runs' ssim.parquet by pair_id (`join`: one pass when they share a plan, hash partitions on disk
-otherwise), writes every pair_id of either run to compare.parquet (`rows`), keeps the deltas
-(`accumulate`), computes per metric and group the mean delta with a bootstrap interval, percentiles,
+otherwise), writes every pair_id of either run to compare.parquet (`rows`), keeps counts, extremes and
+samples in memory and the deltas on local disk (`accumulate`, `spill`: memory does not grow with the rows),
+computes per metric and group the mean delta with a bootstrap interval, percentiles,
 fractions worse and the extremes (`statistics`), applies the gates (`gates`: exit code 6) and writes
 compare.json and compare.html (`report`, `sections`, `charts`, `panels`). The job is `jobs/compare.py`.
 

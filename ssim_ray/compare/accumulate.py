@@ -1,15 +1,17 @@
-"""What the statistics keep while compare rows stream past: counts, the deltas, the extremes, a sample.
+"""What the statistics keep while compare rows stream past: counts, sums, the extremes, samples, a spill.
 
-Memory, whatever the number of rows: per metric, every finite paired delta (float64) and its group code
-(int32), 12 bytes per paired pair, kept for exact percentiles and the bootstrap; per group and metric a
-few counters and sums; the k worst and best pairs per group (and overall) with their paths; the examples
-of each pairing outcome; and `scatter_points` (baseline, candidate) pairs chosen by the smallest hashes of
-their pair_ids (so the same pairs whatever order the rows came in).
+Memory does not grow with the number of rows. Per metric: the finite paired deltas and their group codes go
+to local disk (`spill.DeltaSpill`, 12 bytes per paired pair) for exact percentiles and the histogram; per
+group and metric a few counters and sums (the mean delta is their ratio); the k worst and best pairs per
+group (and overall) with their paths; the examples of each pairing outcome; for the bootstrap, per group
+and overall, the deltas of the `bootstrap_max_sample` pairs with the smallest pair_id hashes (all of them
+below that count); and `scatter_points` (baseline, candidate) pairs chosen by the smallest hashes of their
+pair_ids. Hash-chosen samples are the same pairs whatever order the rows came in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -18,13 +20,14 @@ import pyarrow.compute as pc
 from ssim_ray.compare.join import pair_hashes
 from ssim_ray.compare.rows import OUTCOME_NAMES, CompareBatch, MetricRows
 from ssim_ray.compare.runs import CompareRefusedError
+from ssim_ray.compare.spill import DeltaSpill, key_values
 from ssim_ray.output.table_stats import value_codes
 
 EXTREME_FIELDS = ("pair_id", "group", "baseline", "candidate", "delta", "baseline_reference", "candidate_reference",
                   "baseline_distorted", "candidate_distorted", "baseline_shard_id", "candidate_shard_id")
 EXAMPLE_FIELDS = ("pair_id", "group", "baseline_status", "candidate_status", "baseline_error", "candidate_error")
-COUNTERS = ("paired", "finite", "finite_scores", "worse", "better", "unchanged", "became_infinite", "became_finite",
-            "scored_in_baseline_only", "scored_in_candidate_only")
+COUNTERS = ("paired", "finite", "sum_delta", "finite_scores", "worse", "better", "unchanged", "became_infinite",
+            "became_finite", "scored_in_baseline_only", "scored_in_candidate_only")
 
 
 class GroupCodes:
@@ -173,31 +176,83 @@ class Sample:
         return self.points[np.argsort(self.keys, kind="stable")]
 
 
+class HashSample:
+    """Per group and overall, the deltas of the `k` pairs with the smallest pair_id hashes (ties kept).
+
+    Bounded: after each pruning at most k per group plus k overall are held; pruning runs when twice that
+    has gathered.
+
+    Example:
+        >>> sample = HashSample(2)
+        >>> sample.add(np.array([5, 1, 3, 2], np.uint64), np.array([0.5, 0.1, 0.3, 0.2]), np.array([0, 0, 0, 1]))
+        >>> sample.values(0).tolist(), sample.values(1).tolist(), sample.values(None).tolist()
+        ([0.1, 0.3], [0.2], [0.1, 0.2])
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.deltas = np.zeros(0)
+        self.codes = np.zeros(0, dtype=np.int32)
+
+    def add(self, hashes: np.ndarray, deltas: np.ndarray, codes: np.ndarray) -> None:
+        if hashes.size == 0:
+            return
+        self.hashes = np.concatenate([self.hashes, hashes])
+        self.deltas = np.concatenate([self.deltas, deltas])
+        self.codes = np.concatenate([self.codes, codes.astype(np.int32)])
+        if self.hashes.size > 2 * self.k * (int(self.codes.max()) + 2):
+            self._prune()
+
+    def _prune(self) -> None:
+        keep = within_k(self.hashes, self.codes, self.k)
+        self.hashes, self.deltas, self.codes = self.hashes[keep], self.deltas[keep], self.codes[keep]
+
+    def values(self, code: Optional[int]) -> np.ndarray:
+        """The sample of group `code` (None: overall), sorted: the k smallest hashes' deltas (all if fewer)."""
+        self._prune()
+        hashes, deltas = self.hashes, self.deltas
+        if code is not None:
+            mine = self.codes == code
+            hashes, deltas = hashes[mine], deltas[mine]
+        if hashes.size > self.k:
+            deltas = deltas[np.argsort(hashes, kind="stable")[: self.k]]
+        return np.sort(deltas)
+
+
 class MetricAccumulator:
     """One metric's deltas and counts, per group; see the module docstring for what is kept."""
 
-    def __init__(self, metric: str, *, epsilon: float, capacity: int, worst_k: int, scatter_points: int) -> None:
+    def __init__(self, metric: str, *, epsilon: float, folder: str, worst_k: int, scatter_points: int,
+                 bootstrap_sample: int) -> None:
         self.metric, self.epsilon = metric, epsilon
-        self._deltas = np.empty(capacity, dtype=np.float64)
-        self._codes = np.empty(capacity, dtype=np.int32)
-        self.size = 0
+        self.spill = DeltaSpill(folder, metric)
+        self.low, self.high = np.inf, -np.inf  # of the finite deltas
         self.counts = GroupCounts(COUNTERS + ("sum_baseline", "sum_candidate"))
         self.worst, self.best = Extremes(worst_k), Extremes(worst_k)
         self.sample = Sample(scatter_points)
+        self.bootstrap = HashSample(bootstrap_sample)
 
-    def deltas(self) -> np.ndarray:
-        return self._deltas[: self.size]
+    @property
+    def size(self) -> int:
+        """Finite paired deltas seen."""
+        return self.spill.size
 
-    def codes(self) -> np.ndarray:
-        return self._codes[: self.size]
+    def finite_deltas(self) -> Iterator[np.ndarray]:
+        """Every finite paired delta, a chunk at a time, from the spill."""
+        for keys, _ in self.spill.chunks():
+            yield key_values(keys)
 
-    def add(self, batch: CompareBatch, rows: MetricRows, codes: np.ndarray, hashes: Optional[np.ndarray]) -> None:
+    def add(self, batch: CompareBatch, rows: MetricRows, codes: np.ndarray, hashes: np.ndarray) -> None:
         delta, paired = rows.delta, rows.paired
         finite = paired & np.isfinite(delta)
-        self._store(delta[finite], codes[finite])
+        self.spill.add(delta[finite], codes[finite])
+        if finite.any():
+            self.low, self.high = min(self.low, float(delta[finite].min())), max(self.high, float(delta[finite].max()))
         count = self.counts.add
         count("paired", codes[paired])
         count("finite", codes[finite])
+        count("sum_delta", codes[finite], delta[finite])
         # The runs' means over the pairs both scored finitely (two identical images' +inf PSNR left out).
         scores = paired & np.isfinite(rows.baseline) & np.isfinite(rows.candidate)
         count("finite_scores", codes[scores])
@@ -213,16 +268,8 @@ class MetricAccumulator:
         count("scored_in_baseline_only", codes[scored_b & ~scored_c])
         count("scored_in_candidate_only", codes[~scored_b & scored_c])
         self._extremes(batch, delta, finite, codes)
-        if hashes is not None:
-            self.sample.add(hashes[paired], rows.baseline[paired], rows.candidate[paired])
-
-    def _store(self, deltas: np.ndarray, codes: np.ndarray) -> None:
-        end = self.size + deltas.size
-        if end > self._deltas.size:  # only when a run holds more rows than its metadata said
-            self._deltas = np.resize(self._deltas, max(end, 2 * self._deltas.size))
-            self._codes = np.resize(self._codes, self._deltas.size)
-        self._deltas[self.size:end], self._codes[self.size:end] = deltas, codes
-        self.size = end
+        self.bootstrap.add(hashes[finite], delta[finite], codes[finite])
+        self.sample.add(hashes[paired], rows.baseline[paired], rows.candidate[paired])
 
     def _extremes(self, batch: CompareBatch, delta: np.ndarray, finite: np.ndarray, codes: np.ndarray) -> None:
         # Ranked by finite deltas: pairs that became (or stopped being) identical are counted apart.
@@ -243,20 +290,27 @@ class Accumulator:
     """Everything a comparison's statistics need, fed one CompareBatch at a time."""
 
     def __init__(self, metrics: Sequence[str], *, group_by: Optional[str], epsilon: Mapping[str, float],
-                 capacity: int, worst_k: int, examples_k: int, max_groups: int, scatter_points: int) -> None:
+                 folder: str, worst_k: int, examples_k: int, max_groups: int, scatter_points: int,
+                 bootstrap_sample: int) -> None:
         self.group_by = group_by
         self.groups = GroupCodes(max_groups=max_groups, column=group_by)
         self.outcomes = GroupCounts(OUTCOME_NAMES)
         self.examples = OutcomeExamples(examples_k)
         self.scatter_points = scatter_points
-        self.metrics = {m: MetricAccumulator(m, epsilon=epsilon[m], capacity=capacity, worst_k=worst_k,
-                                             scatter_points=scatter_points) for m in metrics}
+        self.metrics = {m: MetricAccumulator(m, epsilon=epsilon[m], folder=folder, worst_k=worst_k,
+                                             scatter_points=scatter_points, bootstrap_sample=bootstrap_sample)
+                        for m in metrics}
 
     def add(self, batch: CompareBatch) -> None:
         codes = self.groups.codes(batch.table["group"])
         for index, name in enumerate(OUTCOME_NAMES):
             self.outcomes.add(name, codes[batch.outcome == index])
         self.examples.add(batch.table, batch.outcome)
-        hashes = pair_hashes(batch.table["pair_id"]) if self.scatter_points else None
+        hashes = pair_hashes(batch.table["pair_id"])
         for metric, rows in batch.metrics.items():
             self.metrics[metric].add(batch, rows, codes, hashes)
+
+    def close(self) -> None:
+        """Delete the spilled deltas (the statistics and the report have read them)."""
+        for kept in self.metrics.values():
+            kept.spill.remove()

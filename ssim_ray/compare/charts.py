@@ -1,14 +1,15 @@
 """The comparison's charts: per metric, the histogram of paired deltas and baseline vs candidate scores.
 
 Figures are drawn like the audit report's (`report.charts.new_figure`: matplotlib figures on their own
-Agg canvases, pyplot never imported) and encoded by `report.charts.render`. The histogram is drawn from
-every finite delta the statistics kept; the scatter from the sample of pairs chosen by pair_id hash,
-with the worst regressions marked on top so that rare ones are never lost in the sample.
+Agg canvases, pyplot never imported) and encoded by `report.charts.render`. The histogram counts every
+finite delta, read a chunk at a time (`count_deltas`); the scatter is drawn from the sample of pairs chosen
+by pair_id hash, with the worst regressions marked on top so that rare ones are never lost in the sample.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -20,33 +21,62 @@ HISTOGRAM_BINS = 81
 WORSE_COLOR, BETTER_COLOR, SAME_COLOR = GATE_COLOR, "#1b7f3b", "#8c96a3"
 
 
-def delta_histogram(metric: str, deltas: np.ndarray, *, epsilon: float) -> Chart:
+@dataclass(frozen=True)
+class DeltaCounts:
+    """Paired deltas counted in HISTOGRAM_BINS symmetric bins (edges None when there are none, or all are equal)."""
+
+    counts: Optional[np.ndarray]
+    edges: Optional[np.ndarray]
+    total: int
+    low: float
+    high: float
+
+
+def count_deltas(chunks: Iterable[np.ndarray], *, low: float, high: float, total: int) -> DeltaCounts:
+    """Count finite deltas, given a chunk at a time, in bins symmetric about 0 that reach the larger of |low|,
+    |high| (their minimum and maximum), so that regressions and gains sit side by side.
+
+    Example:
+        >>> found = count_deltas([np.array([-0.2, 0.0]), np.array([0.0, 0.01])], low=-0.2, high=0.01, total=4)
+        >>> int(found.counts.sum()), len(found.edges)
+        (4, 82)
+    """
+    if total == 0 or low == high:
+        return DeltaCounts(None, None, total, low, high)
+    reach = max(abs(low), abs(high))
+    edges = np.linspace(-reach, reach, HISTOGRAM_BINS + 1)
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for chunk in chunks:
+        counts += np.histogram(chunk, bins=edges)[0]
+    return DeltaCounts(counts, edges, total, low, high)
+
+
+def delta_histogram(metric: str, found: DeltaCounts, *, epsilon: float) -> Chart:
     """Pairs per delta bin, log-scaled so that a few strong regressions show beside many unchanged pairs;
     bins below −ε red, above +ε green, dashed lines at ±ε.
 
     Args:
         metric: the metric's name.
-        deltas: its finite paired deltas (any order).
+        found: its finite paired deltas, counted (`count_deltas`).
         epsilon: the metric's ε.
 
     Returns:
-        The chart (a message figure when there is no delta, or every delta is exactly 0).
+        The chart (a message figure when there is no delta, or every delta is exactly the same).
 
     Example:
-        >>> chart = delta_histogram("ssim", np.array([-0.2, 0.0, 0.0, 0.01]), epsilon=0.001)
+        >>> values = np.array([-0.2, 0.0, 0.0, 0.01])
+        >>> chart = delta_histogram("ssim", count_deltas([values], low=-0.2, high=0.01, total=4), epsilon=0.001)
         >>> chart.name, len(chart.figure.axes[0].patches)
         ('delta_ssim.png', 81)
     """
     spec = METRICS[metric]
-    name, caption = f"delta_{metric}.png", f"{spec.label} delta (candidate − baseline) of {deltas.size:,} paired pairs"
-    if deltas.size == 0:
+    name = f"delta_{metric}.png"
+    caption = f"{spec.label} delta (candidate − baseline) of {found.total:,} paired pairs"
+    if found.total == 0:
         return Chart(name, caption, message_figure(f"no paired {spec.label} scores"))
-    low, high = float(deltas.min()), float(deltas.max())
-    if low == high:
-        return Chart(name, caption, message_figure(f"every paired {spec.label} delta is exactly {low:g}"))
-    reach = max(abs(low), abs(high))
-    edges = np.linspace(-reach, reach, HISTOGRAM_BINS + 1)  # symmetric: regressions and gains side by side
-    counts, _ = np.histogram(deltas, bins=edges)
+    if found.edges is None:
+        return Chart(name, caption, message_figure(f"every paired {spec.label} delta is exactly {found.low:g}"))
+    edges, counts = found.edges, found.counts
     # A bin is red or green only when all of it is beyond ε: its pairs are all worse (or better) by more than ε.
     colors = np.where(edges[1:] <= -epsilon, WORSE_COLOR, np.where(edges[:-1] >= epsilon, BETTER_COLOR, SAME_COLOR))
     figure = new_figure(560, 300)
@@ -121,12 +151,13 @@ def score_scatter(metric: str, points: np.ndarray, worst: Sequence[Mapping[str, 
     return Chart(name, caption, figure)
 
 
-def metric_charts(metric: str, deltas: np.ndarray, points: np.ndarray, worst: Sequence[Mapping[str, Any]], *,
+def metric_charts(metric: str, deltas: DeltaCounts, points: np.ndarray, worst: Sequence[Mapping[str, Any]], *,
                   epsilon: float, paired: int) -> List[Chart]:
     """A metric's two charts, histogram then scatter.
 
     Example:
-        >>> [c.name for c in metric_charts("ssim", np.zeros(0), np.zeros((0, 2)), [], epsilon=0.001, paired=0)]
+        >>> none = count_deltas([], low=0.0, high=0.0, total=0)
+        >>> [c.name for c in metric_charts("ssim", none, np.zeros((0, 2)), [], epsilon=0.001, paired=0)]
         ['delta_ssim.png', 'scatter_ssim.png']
     """
     return [delta_histogram(metric, deltas, epsilon=epsilon), score_scatter(metric, points, worst, total=paired)]

@@ -55,7 +55,7 @@ class CompareConfig:
         is Hydra's run folder.
     baseline_storage_options, candidate_storage_options, output_storage_options: fsspec options (endpoint,
         region…) of each location; never credentials (they come from the environment).
-    metrics: the score columns to compare; None: every one of `ssim`, `psnr`, `ms_ssim` both runs hold.
+    metrics: the score columns to compare; None: every one of `ssim`, `psnr`, `ms_ssim` both runs computed.
     group_by: a column of either run to break deltas down by; None: the runs' `summary.group_by`
         (the baseline's, else the candidate's); the baseline's value of a pair wins.
     epsilon: per metric, a pair is worse when its delta (candidate − baseline) is below −ε.
@@ -72,8 +72,9 @@ class CompareConfig:
     examples_k: pairs listed per pairing outcome (unmatched, newly failed, fixed…; all are in compare.parquet).
     report: write compare.html; report_worst_k: worst SSIM regressions shown with images and maps.
     join: `auto` (a single pass when both runs share a plan, else partitioned) or `partitioned`.
-    partition_rows, spill_dir: rows per on-disk partition of the partitioned join, and where partitions
-        are written (None: the system's temporary folder); they are removed at the end.
+    partition_rows, spill_dir: rows per on-disk partition of the partitioned join, and the local folder
+        where partitions and the kept deltas (12 bytes per paired pair and metric) are written (None: the
+        system's temporary folder); they are removed at the end.
     batch_rows: rows read per batch. max_groups: more groups than this is refused (a per-pair column).
     scatter_points: pairs drawn in each baseline-vs-candidate scatter (chosen by a hash of pair_id).
     """

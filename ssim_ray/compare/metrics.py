@@ -3,7 +3,9 @@
 Owns what comparing needs to know of each score column of `ssim.parquet` (`output.schema` owns the columns
 themselves): higher is better for all three; how many decimals a delta shows; the default ε below which a
 pair's change does not count as worse; and which entries of the metric block (`SSIMConfig.describe()`)
-belong to that metric alone, so that two runs are refused only for settings of metrics both of them scored.
+belong to that metric alone, so that two runs are refused only for settings of metrics both of them scored;
+and which entry lists the metrics a run computed (`COMPUTED_KEY`: every run since PSNR and MS-SSIM became
+columns of ssim.parquet, whose columns of a metric not computed are null).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ METRICS: Dict[str, MetricSpec] = {
     "ms_ssim": MetricSpec("ms_ssim", "MS-SSIM", "", 4, 1e-3, ("ms_ssim", "ms_ssim_weights")),
 }
 METRIC_NAMES = tuple(METRICS)
+# Entries of the metric block that say which metrics a run computed, not how any score is computed: they
+# choose what is compared (`runs.computed_metrics`) and are never a difference of settings.
+COMPUTED_KEY = "metrics"
+NOT_SETTINGS = (COMPUTED_KEY,)
 
 
 def metric_of_setting(key: str) -> str:

@@ -13,7 +13,7 @@ import hashlib
 from typing import Any, Mapping, Sequence
 
 from ssim_ray.compare.accumulate import Accumulator
-from ssim_ray.compare.charts import metric_charts
+from ssim_ray.compare.charts import count_deltas, metric_charts
 from ssim_ray.compare.config import CompareConfig
 from ssim_ray.compare.panels import RegressionPanel, regression_panels
 from ssim_ray.compare.runs import AuditRun
@@ -110,7 +110,8 @@ def compare_report(summary: Mapping[str, Any], acc: Accumulator, baseline: Audit
     for metric in summary["metrics"]:
         overall = summary["results"][metric]["overall"]
         kept = acc.metrics[metric]
-        plots += [render(chart) for chart in metric_charts(metric, kept.deltas(), kept.sample.ordered(),
+        counted = count_deltas(kept.finite_deltas(), low=kept.low, high=kept.high, total=kept.size)
+        plots += [render(chart) for chart in metric_charts(metric, counted, kept.sample.ordered(),
                                                            overall["worst"], epsilon=cfg.epsilon[metric],
                                                            paired=overall["paired"])]
     worst = summary["results"]["ssim"]["overall"]["worst"][: cfg.report_worst_k] if "ssim" in summary["metrics"] else []

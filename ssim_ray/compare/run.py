@@ -9,7 +9,9 @@ comparison leaves the previous file or none, never a truncated one.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -58,10 +60,20 @@ class CompareOutcome:
 
 
 def _stream(baseline: AuditRun, candidate: AuditRun, spec: JoinSpec, mode: str, cfg: CompareConfig,
-            staged: StagedFile, info: Dict[str, Any]) -> Accumulator:
-    acc = Accumulator(spec.metrics, group_by=spec.group_by, epsilon=cfg.epsilon,
-                      capacity=min(baseline.num_rows, candidate.num_rows), worst_k=cfg.worst_k,
-                      examples_k=cfg.examples_k, max_groups=cfg.max_groups, scatter_points=cfg.scatter_points)
+            staged: StagedFile, info: Dict[str, Any], scratch: str) -> Accumulator:
+    acc = Accumulator(spec.metrics, group_by=spec.group_by, epsilon=cfg.epsilon, folder=scratch,
+                      worst_k=cfg.worst_k, examples_k=cfg.examples_k, max_groups=cfg.max_groups,
+                      scatter_points=cfg.scatter_points, bootstrap_sample=cfg.bootstrap_max_sample)
+    try:
+        _write_rows(baseline, candidate, spec, mode, staged, acc, info)
+    except BaseException:
+        acc.close()
+        raise
+    return acc
+
+
+def _write_rows(baseline: AuditRun, candidate: AuditRun, spec: JoinSpec, mode: str, staged: StagedFile,
+                acc: Accumulator, info: Dict[str, Any]) -> None:
     pending: List[pa.Table] = []
     pending_rows = done = 0
     said = time.monotonic()
@@ -81,17 +93,16 @@ def _stream(baseline: AuditRun, candidate: AuditRun, spec: JoinSpec, mode: str, 
                 pending, pending_rows = [], 0
         if pending:
             writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
-    return acc
 
 
 def _join(baseline: AuditRun, candidate: AuditRun, spec: JoinSpec, cfg: CompareConfig, fs: Any,
-          root: str) -> tuple:
+          root: str, scratch: str) -> tuple:
     mode, why = choose_mode(baseline, candidate, cfg.join)
     while True:
         staged = StagedFile(fs, f"{root}/{COMPARE_PARQUET}")
         info: Dict[str, Any] = {}
         try:
-            acc = _stream(baseline, candidate, spec, mode, cfg, staged, info)
+            acc = _stream(baseline, candidate, spec, mode, cfg, staged, info, scratch)
         except NotAlignedError as error:
             staged.discard()
             why = f"the runs share a plan, but their rows differ ({error}): joined partitioned instead"
@@ -177,8 +188,20 @@ def compare_runs(job: CompareJobConfig, *, output_url: Optional[str] = None) -> 
     differences = check_metric_settings(cfg, baseline, candidate, metrics)
     group_by = chosen_group_by(cfg, baseline, candidate)
     spec = JoinSpec(tuple(metrics), group_by, cfg.batch_rows, cfg.partition_rows, cfg.spill_dir)
+    # The kept deltas go to local disk, never to memory (`accumulate`); removed when the comparison ends.
+    scratch = tempfile.mkdtemp(prefix="ssim-compare-deltas-", dir=cfg.spill_dir)
+    try:
+        return _compare_and_write(baseline, candidate, spec, cfg, differences, target=target, scratch=scratch,
+                                  started=started)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _compare_and_write(baseline: AuditRun, candidate: AuditRun, spec: JoinSpec, cfg: CompareConfig,
+                       differences: List[str], *, target: str, scratch: str, started: float) -> CompareOutcome:
+    metrics, group_by = list(spec.metrics), spec.group_by
     fs, root = output_filesystem(target, cfg.output_storage_options)
-    acc, mode, why, info = _join(baseline, candidate, spec, cfg, fs, root)
+    acc, mode, why, info = _join(baseline, candidate, spec, cfg, fs, root, scratch)
     joined_at = time.perf_counter()
     results = {m: metric_statistics(acc.metrics[m], acc.groups.names if group_by else [], seed=cfg.seed,
                                     resamples=cfg.bootstrap_resamples, max_sample=cfg.bootstrap_max_sample,
@@ -198,7 +221,8 @@ def compare_runs(job: CompareJobConfig, *, output_url: Optional[str] = None) -> 
         "epsilon": {m: cfg.epsilon[m] for m in metrics},
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "max_sample": cfg.bootstrap_max_sample,
                       "confidence": cfg.confidence, "seed": cfg.seed,
-                      "method": "percentile bootstrap of the mean; m-out-of-n, rescaled, above max_sample"},
+                      "method": "percentile bootstrap of the mean; above max_sample, m-out-of-n from the max_sample "
+                                "pairs with the smallest pair_id hashes, rescaled by sqrt(m/n)"},
         "pairs": pairs, "outcomes": dict(OUTCOMES), "examples": acc.examples.listed(),
         "results": results,
         "gates": {"violations": [_violation_record(v) for v in violations], "exit_code": exit_code(violations)},
@@ -215,6 +239,7 @@ def compare_runs(job: CompareJobConfig, *, output_url: Optional[str] = None) -> 
         html_path = f"{root}/{COMPARE_HTML}"
         publish_bytes(fs, html_path, page.encode("utf-8"))
         summary["seconds"]["report"] = round(time.perf_counter() - report_started, 3)
+    acc.close()  # the spilled deltas are read: statistics and histogram done
     summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
     publish_bytes(fs, f"{root}/{COMPARE_JSON}", json.dumps(summary, indent=1, allow_nan=False).encode("utf-8"))
     return CompareOutcome(target, summary, violations, exit_code(violations), html_path)
