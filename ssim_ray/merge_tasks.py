@@ -34,6 +34,7 @@ from ssim_ray.output.claim import OutputClaim
 from ssim_ray.output.commit import scan_shards
 from ssim_ray.output.layout import output_filesystem
 from ssim_ray.output.publish import StagedFile
+from ssim_ray.output.results_folder import ResultsFolder, remove_stale_staging
 from ssim_ray.output.resume import check_commits
 from ssim_ray.output.stamps import CommitStamp
 from ssim_ray.placement import connect_ray
@@ -125,7 +126,7 @@ def merge_parallel(
         check_commits(scan.commits, plan_shard_ids, expect, output_url=output_url)
     plan = merging.plan_merge(scan, plan_shard_ids, allow_incomplete=allow_incomplete,
                               single_file_max_rows=single_file_max_rows, block_rows=block_rows)
-    merging.remove_stale_staging(fs, root)
+    remove_stale_staging(fs, root)
     window = BLOCKS_IN_FLIGHT_PER_CPU * _cluster_cpus()
     target, folder = _open_target(fs, root, plan)
     commits_ref = [ray.put(plan.block(index)) for index in range(len(plan.blocks))]
@@ -164,7 +165,7 @@ def _open_target(fs: Any, root: str, plan: merging.MergePlan) -> Tuple[Any, Opti
     """Where the results are written: a staged ssim.parquet, or a folder made ready (and its path, for the tasks)."""
     if plan.layout == merging.LAYOUT_FILE:
         return StagedFile(fs, f"{root}/{merging.MERGED_FILE}"), None
-    folder = merging.ResultsFolder(fs, root)
+    folder = ResultsFolder(fs, root)
     folder.prepare()
     return folder, folder.path
 
@@ -226,7 +227,7 @@ def merge_output(cfg: AuditJobConfig, *, output_url: str, plan_shard_ids: Sequen
                      storage_options=dict(cfg.output.storage_options), audit_cfg=cfg.audit, expect=expect,
                      before_publish=claim.ensure_held if claim is not None else None)
     if run_info.total_pairs < RAY_MERGE_MIN_ROWS:
-        merging.remove_stale_staging(*output_filesystem(output_url, cfg.output.storage_options))
+        remove_stale_staging(*output_filesystem(output_url, cfg.output.storage_options))
         return merging.merge(output_url, **arguments)
     started_ray = connect_ray(cfg.runtime.address)
     try:

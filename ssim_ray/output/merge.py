@@ -32,10 +32,7 @@ import hashlib
 import itertools
 import json
 import os
-import posixpath
-import shutil
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -57,7 +54,8 @@ from ssim_ray.output.layout import (
     part_path,
 )
 from ssim_ray.output.provenance import library_versions, utc_now
-from ssim_ray.output.publish import StagedFile, is_temp_name, publish_bytes
+from ssim_ray.output.publish import StagedFile, publish_bytes
+from ssim_ray.output.results_folder import swap_in
 from ssim_ray.output.resume import check_commits
 from ssim_ray.output.stamps import CommitStamp
 from ssim_ray.output.schema import RESULT_COLUMNS, RESULT_SCHEMA
@@ -85,7 +83,6 @@ FOLDER_PART = "part-{index:06d}.parquet"  # the files of a folder ssim.parquet: 
 TARGET_BLOCKS = 64
 MIN_BLOCK_ROWS = 16_384
 MAX_BLOCK_ROWS = 2_000_000
-_STAGING_MARK = ".merging-"  # .ssim.parquet.merging-<pid>-<hex>: a folder being written (local disk)
 # Columns ScoreCollector never reads: a block sends the combiner every other result column of its rows.
 _NOT_SCORED = ("reference", "distorted", "error", "decoder", "reference_version", "distorted_version", "shard_id")
 _NO_HIST = np.zeros(0, dtype=np.int64)  # the moments of a trail carry no histogram (blocks sum those)
@@ -440,7 +437,7 @@ def publish_file(fs: Any, root: str, staged: StagedFile) -> None:
     """Publish a staged single-file ssim.parquet, first moving a folder ssim.parquet out of its way."""
     target = f"{root}/{MERGED_FILE}"
     if is_local(fs) and os.path.isdir(target):
-        _swap_in(fs, root, None)
+        swap_in(fs, root, None)
     elif not is_local(fs) and fs.isdir(target):
         fs.rm(target, recursive=True)
     staged.commit()
@@ -767,89 +764,3 @@ def check_rows(plan: MergePlan, rows: int, total_pairs: int) -> None:
     if not plan.missing and rows != total_pairs:
         raise CorruptShardError(f"a complete merge must have run_info.total_pairs={total_pairs} rows, got {rows} "
                                 f"from {len(plan.commits)} shards")
-
-
-class ResultsFolder:
-    """Where a folder ssim.parquet is written, and its publication.
-
-    Local disk: the files go into a hidden folder beside the target (`.ssim.parquet.merging-<pid>-<hex>`),
-    renamed over the target once complete (the previous ssim.parquet, file or folder, is moved aside first and
-    then removed): readers see the previous results or the new ones, except between the two renames, when
-    there is none (and no summary.json). Object stores have no rename: `prepare` deletes summary.json and a
-    file ssim.parquet, the files are written in place (each published whole when closed), and `commit`
-    removes files of an earlier merge that this one did not write; until then there is no summary.json.
-    """
-
-    def __init__(self, fs: Any, root: str) -> None:
-        self.fs, self.root = fs, root
-        self.target = f"{root}/{MERGED_FILE}"
-        self.local = is_local(fs)
-        self.path = _staging_name(root) if self.local else self.target
-
-    def prepare(self) -> None:
-        """Make the folder ready for the blocks' files (before any is written)."""
-        if self.local:
-            os.makedirs(self.path)
-            return
-        if self.fs.exists(f"{self.root}/{SUMMARY_FILE}"):
-            self.fs.rm(f"{self.root}/{SUMMARY_FILE}")
-        if self.fs.isfile(self.target):
-            self.fs.rm(self.target)
-
-    def commit(self, names: Sequence[str]) -> None:
-        """Publish the folder holding exactly `names`."""
-        if self.local:
-            _swap_in(self.fs, self.root, self.path)
-            return
-        self.fs.invalidate_cache(self.target)
-        stale = [p for p in self.fs.ls(self.target, detail=False) if posixpath.basename(p) not in set(names)]
-        if stale:
-            self.fs.rm(stale)
-
-    def discard(self) -> None:
-        """Throw away a local folder being written (object stores: the files stay, without a summary.json)."""
-        if self.local:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _staging_name(root: str) -> str:
-    return f"{root}/.{MERGED_FILE}{_STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _swap_in(fs: Any, root: str, staging: Optional[str]) -> None:
-    """Local disk: move the current ssim.parquet aside, rename `staging` (if any) over it, remove the old one."""
-    target = f"{root}/{MERGED_FILE}"
-    old = None
-    if os.path.lexists(target):
-        old = _staging_name(root)
-        os.replace(target, old)
-    if staging is not None:
-        os.replace(staging, target)
-    descriptor = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the renames are still atomic
-    finally:
-        os.close(descriptor)
-    if old is not None:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-
-
-def remove_stale_staging(fs: Any, root: str) -> List[str]:
-    """Remove what killed merges left being written beside ssim.parquet: folders of a parallel merge, and
-    staged files (`publish.temp_name`). Local disk only; call under the output's claim.
-
-    Example:
-        >>> import fsspec, tempfile
-        >>> remove_stale_staging(fsspec.filesystem("file"), tempfile.mkdtemp())
-        []
-    """
-    if not is_local(fs) or not os.path.isdir(root):
-        return []
-    prefix = f".{MERGED_FILE}"
-    stale = [f"{root}/{name}" for name in os.listdir(root)
-             if name.startswith(prefix) and (name.startswith(prefix + _STAGING_MARK) or is_temp_name(name))]
-    for path in stale:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return stale
