@@ -44,13 +44,7 @@ FAILURE_FRACTION = 0.002
 IDENTICAL_FRACTION = 0.01
 
 
-def _memory_kib() -> Dict[str, int]:
-    found = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                found[line.split(":")[0]] = int(line.split()[1])
-    return found
+from bench_machine import memory_kib as _memory_kib  # noqa: E402 (scripts/ is on sys.path when run)
 
 
 def _sample_rows() -> pa.Table:

@@ -36,3 +36,13 @@ def vector_isa() -> str:
 def machine(*versions: str) -> str:
     """ "<CPU model>, <n> cores, Python <x.y.z>" followed by `versions` (e.g. "torch 2.13.0")."""
     return ", ".join([cpu_model(), f"{os.cpu_count()} cores", f"Python {platform.python_version()}", *versions])
+
+
+def memory_kib() -> dict:
+    """Current and peak resident memory of this process (Linux /proc: VmRSS, VmHWM), in KiB."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                found[line.split(":")[0]] = int(line.split()[1])
+    return found

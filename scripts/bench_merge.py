@@ -44,14 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("created", "merge_seconds", "run_id", "merge", "versions")
 
 
-def _memory_kib() -> Dict[str, int]:
-    """Current and peak resident memory of this process (Linux /proc), in KiB."""
-    found = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                found[line.split(":")[0]] = int(line.split()[1])
-    return found
+from bench_machine import memory_kib as _memory_kib  # noqa: E402 (scripts/ is on sys.path when run)
 
 
 def _sample() -> pa.Table:

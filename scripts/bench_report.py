@@ -35,14 +35,7 @@ import pyarrow.parquet as pq
 FAILURE_FRACTION = 0.002
 
 
-def _memory_kib() -> Dict[str, int]:
-    """Current and peak resident memory of this process (Linux /proc), in KiB."""
-    found = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                found[line.split(":")[0]] = int(line.split()[1])
-    return found
+from bench_machine import memory_kib as _memory_kib  # noqa: E402 (scripts/ is on sys.path when run)
 
 
 def _machine() -> str:
