@@ -386,7 +386,13 @@ class PairTiles:
         tile_w = self.tile_shape[1]
         end = min(start + count, self.count)
         tile, scratch = start, None
+        if self.x.dtype != self.dtype:
+            scratch = s_buffer.new_empty(max(_SERIAL_ELEMENTS, tile_w))  # step * width never exceeds it
         while tile < end:
+            if (grid.across == 1 and grid.height * grid.width <= _SERIAL_ELEMENTS and tile % grid.slots == 0
+                    and tile + grid.slots <= end):
+                tile = self._whole_planes_into(s_buffer, d_buffer, start, tile, end, scratch)
+                continue
             strip, slot = divmod(tile, grid.slots)
             last = min(end, (strip + 1) * grid.slots)  # this run: tiles tile .. last - 1, all down one strip
             plane, block = divmod(strip, grid.across)
@@ -395,8 +401,6 @@ class PairTiles:
             width = min(grid.width, left + grid.cols + halo) - left
             step = max(1, _SERIAL_ELEMENTS // width)
             at = (tile - start) * grid.rows
-            if scratch is None and self.x.dtype != self.dtype:
-                scratch = s_buffer.new_empty(max(_SERIAL_ELEMENTS, tile_w))  # step * width never exceeds it
             for row in range(top, bottom, step):
                 shape = (min(step, bottom - row), width)
                 target = ((tile_w, 1), (at + row - top) * tile_w)
@@ -405,6 +409,30 @@ class PairTiles:
                                    None if scratch is None else scratch.as_strided(shape, (width, 1)))
             tile = last
         return self._view(s_buffer, count), self._view(d_buffer, count)
+
+    def _whole_planes_into(self, s_buffer: torch.Tensor, d_buffer: torch.Tensor, start: int, tile: int, end: int,
+                           scratch) -> int:
+        """For a grid one strip wide, from `tile` (a plane's first) on: every plane whose tiles all lie before
+        `end`, several planes per op, into the buffers of the call that starts at `start`; returns the next
+        tile to form.
+
+        A plane's tiles are `slots` consecutive tiles whose slots hold its rows one after another, so the
+        plane lands in the buffer as one (height, width) block at its first tile's row: the same pixels in
+        the same places as tile by tile (coarse MS-SSIM scales and thumbnails have dozens of small planes
+        per call, where that paid a few ATen calls per tile).
+        """
+        grid, tile_w = self.grid, self.tile_shape[1]
+        first, last = tile // grid.slots, end // grid.slots  # planes first .. last - 1
+        height, width = grid.height, grid.width
+        step = _SERIAL_ELEMENTS // (height * width)  # >= 1: the caller sends planes of at most that many pixels
+        plane_rows = grid.slots * grid.rows
+        for plane in range(first, last, step):
+            shape = (min(step, last - plane), height, width)
+            target = ((plane_rows * tile_w, tile_w, 1), (plane * grid.slots - start) * grid.rows * tile_w)
+            sum_and_difference(_plane_block(self.x, shape, plane), _plane_block(self.y, shape, plane),
+                               s_buffer.as_strided(shape, *target), d_buffer.as_strided(shape, *target),
+                               None if scratch is None else scratch.as_strided(shape, (height * width, width, 1)))
+        return last * grid.slots
 
     def _view(self, buffer: torch.Tensor, count: int) -> torch.Tensor:
         tile_h, tile_w = self.tile_shape
@@ -417,6 +445,12 @@ def _pixels(planes: torch.Tensor, shape: Tuple[int, int], plane: int, row: int, 
     p_stride, r_stride, c_stride = planes.stride()
     offset = planes.storage_offset() + plane * p_stride + row * r_stride + column * c_stride
     return planes.as_strided(shape, (r_stride, c_stride), offset)
+
+
+def _plane_block(planes: torch.Tensor, shape: Tuple[int, int, int], plane: int) -> torch.Tensor:
+    """planes[plane : plane + shape[0]] by as_strided (see `_pixels`)."""
+    p_stride, r_stride, c_stride = planes.stride()
+    return planes.as_strided(shape, (p_stride, r_stride, c_stride), planes.storage_offset() + plane * p_stride)
 
 
 def pair_tiles(x: torch.Tensor, y: torch.Tensor, grid: TileGrid, dtype: torch.dtype) -> PairTiles:
