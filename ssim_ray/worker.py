@@ -161,7 +161,9 @@ class ShardComputer:
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
         data_range = pairs[0].data_range
-        errors = mse(x, y, per_channel=True, **cfg.psnr_options()).cpu() if "psnr" in metrics else None
+        errors = None
+        if "psnr" in metrics:
+            errors = mse(x, y, per_channel=True, compile=self.compile_policy, **cfg.psnr_options()).cpu()
         too_small = "ms_ssim" in metrics and self._ms_ssim_too_small(x.shape[-2], x.shape[-1])
         if "ms_ssim" in metrics and not too_small and self.ssim_from_ms_ssim:
             terms, per_channel = ms_ssim_terms_and_ssim(x, y, data_range=data_range, **self._ms_ssim_term_options())

@@ -154,15 +154,18 @@ def test_input_rules_are_ssims() -> None:
         psnr(x, y, data_range=1.0)
 
 
+@pytest.mark.parametrize("policy", ["never", "always"])
 @pytest.mark.parametrize("dtype, precision, scale", [(torch.uint8, "fp32", 1), (torch.uint8, "fp64", 1),
                                                      (torch.uint16, "fp64", 257)])
-def test_integer_sum_path_equals_float_pairwise_path_bitwise(dtype: torch.dtype, precision: str, scale: int) -> None:
-    """Integer pixels whose squared errors are exact take an int64 sum; the float pairwise path on the same
-    values (a float copy) must give the same bits, crop included: both are the exact integer sum."""
+def test_integer_sum_path_equals_float_pairwise_path_bitwise(dtype: torch.dtype, precision: str, scale: int,
+                                                             policy: str) -> None:
+    """Integer pixels whose squared errors are exact take an int64 sum (eager) or a fused float64 loop
+    (compiled); the float pairwise path on the same values (a float copy) must give the same bits, crop
+    included: all three are the exact integer sum."""
     x, y = real_pairs("astronaut", 203, 171, top=9, left=13)
     x, y = (x.to(torch.int64) * scale).to(dtype), (y.to(torch.int64) * scale).to(dtype)
     wide = torch.float64 if precision == "fp64" else torch.float32
     for crop in (0, 4):
-        got = mse(x, y, per_channel=True, precision=precision, crop_border=crop)
+        got = mse(x, y, per_channel=True, precision=precision, crop_border=crop, compile=policy)
         want = mse(x.to(wide), y.to(wide), per_channel=True, precision=precision, crop_border=crop)
         assert torch.equal(got, want)

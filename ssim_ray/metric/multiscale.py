@@ -43,13 +43,13 @@ from ssim_ray.metric.checks import (
 from ssim_ray.metric.kernel_choice import tile_means
 from ssim_ray.metric.structural import mean_over_channels
 from ssim_ray.metric.tiles import TileVariant
-from ssim_ray.metric.window import crop_borders, gaussian_window_1d, wang_downsample
+from ssim_ray.metric.plane_passes import halve
+from ssim_ray.metric.window import crop_borders, gaussian_window_1d
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 TOO_SMALL = "too_small"
 NONPOSITIVE_TERM = "nonpositive_term"
 _WITH_CS = TileVariant(with_cs=True)
-_HALVE_ELEMENTS = 1 << 17  # pixels per block of the between-scale downsampling (cache-sized)
 
 
 class MSSSIMUndefinedError(ValueError):
@@ -126,23 +126,8 @@ def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels:
         if level == 0:
             full_ssim = means[..., 0]
         if not last:
-            x, y = _halve(x, dtype), _halve(y, dtype)
+            x, y = halve(x, dtype, policy=policy), halve(y, dtype, policy=policy)
     return torch.stack(terms, dim=-1), full_ssim
-
-
-def _halve(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`wang_downsample(images.to(dtype), 2)` a few planes at a time (the same bits: each plane on its own).
-
-    Whole-batch temporaries of a 16x3x256^2 batch are tens of MB each, and the pass was memory-bound: it took
-    as long as the SSIM of the batch; blocks of _HALVE_ELEMENTS stay in cache.
-    """
-    count, channels, height, width = images.shape
-    planes = images.reshape(count * channels, 1, height, width)
-    step = max(1, _HALVE_ELEMENTS // (height * width))
-    out = torch.empty((count * channels, 1, -(-height // 2), -(-width // 2)), dtype=dtype, device=images.device)
-    for start in range(0, count * channels, step):
-        out[start : start + step] = wang_downsample(planes[start : start + step].to(dtype), 2)
-    return out.reshape(count, channels, out.shape[-2], out.shape[-1])
 
 
 def _checked_terms(x: ImageInput, y: ImageInput, *, data_range: Optional[float], levels: int, win_size: int,

@@ -21,6 +21,8 @@ import torch
 
 from ssim_ray.metric.batches import ImageInput, PairBatches, in_caller_order, pair_batches
 from ssim_ray.metric.checks import (
+    COMPILE_POLICIES,
+    check_choice,
     check_crop_border,
     check_flag,
     check_positive_number,
@@ -28,6 +30,7 @@ from ssim_ray.metric.checks import (
     raise_non_finite,
     resolve_data_range,
 )
+from ssim_ray.metric.plane_passes import exact_square_error_sums
 from ssim_ray.metric.structural import mean_over_channels
 from ssim_ray.metric.tiles import pairwise_sum_last
 from ssim_ray.metric.window import crop_borders
@@ -35,43 +38,46 @@ from ssim_ray.metric.window import crop_borders
 # Planes squared and summed per step: bounds the float64 temporaries (~64 MB) without changing any bit,
 # since each plane's sum involves its own pixels only.
 _ELEMENTS_PER_STEP = 1 << 22
-# The exact integer path works on cache-sized blocks: its temporaries then never leave L2 (whole-batch int
-# temporaries cost ~15x its arithmetic in page faults and memory traffic, measured on 16x3x256^2 uint8).
-_EXACT_ELEMENTS_PER_STEP = 1 << 17
 
 
-def _check_common(per_channel: object, precision: object, crop_border: object) -> int:
+def _check_common(per_channel: object, precision: object, crop_border: object, compile: object) -> int:
     check_flag("per_channel", per_channel)
     check_precision(precision)
+    check_choice("compile", compile, COMPILE_POLICIES)
     return check_crop_border(crop_border)
 
 
-def _channel_mse(x: torch.Tensor, y: torch.Tensor, *, precision: str, crop_border: int) -> torch.Tensor:
+def _channel_mse(x: torch.Tensor, y: torch.Tensor, *, precision: str, crop_border: int, policy: str) -> torch.Tensor:
     """(N, C) MSE per image and channel of one checked same-shape (N, C, H, W) batch, in the output dtype."""
     count, channels, height, width = x.shape
     if height - 2 * crop_border < 1 or width - 2 * crop_border < 1:
         raise ValueError(
             f"images must keep at least one pixel after crop_border={crop_border} on each side, got {height}x{width}"
         )
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    pixels = (height - 2 * crop_border) * (width - 2 * crop_border)
+    if _exact_integer_sums(x.dtype, dtype, pixels):
+        total = exact_square_error_sums(x.reshape(count * channels, height, width),
+                                        y.reshape(count * channels, height, width), crop=crop_border, policy=policy)
+        return _finish(total, crop_borders(x, crop_border), crop_borders(y, crop_border), pixels, dtype, count,
+                       channels)
     x, y = crop_borders(x, crop_border), crop_borders(y, crop_border)
     height, width = x.shape[-2:]
-    dtype = torch.float64 if precision == "fp64" else torch.float32
     xp, yp = x.reshape(count * channels, height, width), y.reshape(count * channels, height, width)
-    exact = _exact_integer_sums(xp.dtype, dtype, height * width)
-    step = max(1, (_EXACT_ELEMENTS_PER_STEP if exact else _ELEMENTS_PER_STEP) // (height * width))
+    step = max(1, _ELEMENTS_PER_STEP // (height * width))
     sums = [torch.zeros(0, dtype=torch.float64, device=x.device)]
     for start in range(0, count * channels, step):
         xs, ys = xp[start : start + step], yp[start : start + step]
-        if exact:  # int32 holds a uint8 difference's square; uint16's needs int64
-            wide = torch.int32 if xs.dtype == torch.uint8 else torch.int64
-            diff = xs.to(wide).sub_(ys.to(wide) if xs.dtype == torch.uint16 else ys)  # torch cannot promote uint16
-            sums.append(diff.mul_(diff).sum(dim=(-2, -1), dtype=torch.int64).to(torch.float64))
-        else:
-            diff = xs.to(dtype) - ys.to(dtype)
-            sums.append(pairwise_sum_last(pairwise_sum_last((diff * diff).to(torch.float64))))
-    total = torch.cat(sums)
+        diff = xs.to(dtype) - ys.to(dtype)
+        sums.append(pairwise_sum_last(pairwise_sum_last((diff * diff).to(torch.float64))))
+    return _finish(torch.cat(sums), x, y, height * width, dtype, count, channels)
+
+
+def _finish(total: torch.Tensor, x: torch.Tensor, y: torch.Tensor, pixels: int, dtype: torch.dtype, count: int,
+            channels: int) -> torch.Tensor:
+    """(N, C) MSE in `dtype` from float64 per-plane sums of squared differences."""
     # A tensor divisor: true division on every device (CUDA turns a scalar divisor into a reciprocal).
-    mse = (total / torch.full_like(total, height * width)).to(dtype).reshape(count, channels)
+    mse = (total / torch.full_like(total, pixels)).to(dtype).reshape(count, channels)
     if not bool(torch.isfinite(mse).all()):
         raise_non_finite(x, y, metric="MSE")
     return mse
@@ -94,7 +100,8 @@ def _exact_integer_sums(pixel_dtype: torch.dtype, dtype: torch.dtype, pixels: in
     return largest * largest * pixels < 2**53
 
 
-def mse(x: ImageInput, y: ImageInput, *, per_channel: bool = False, precision: str = "fp32", crop_border: int = 0):
+def mse(x: ImageInput, y: ImageInput, *, per_channel: bool = False, precision: str = "fp32", crop_border: int = 0,
+        compile: str = "auto"):
     """Mean squared error of image pairs over all pixels and channels (or per channel), batch-invariant.
 
     The overall value is the mean of the per-channel values, `mean_over_channels(mse(x, y, per_channel=True))`
@@ -108,6 +115,8 @@ def mse(x: ImageInput, y: ImageInput, *, per_channel: bool = False, precision: s
         precision: 'fp32' or 'amp' (differences squared in float32, summed in float64, float32 result),
             'fp64' (float64 throughout, for validation).
         crop_border: Pixels removed from each side of both images first.
+        compile: The CPU compile policy, as in `ssim()` ('auto', 'always', 'never'): speed only, the same
+            bits. Only the exact integer sums (uint8; uint16 in 'fp64') have a compiled pass.
 
     Returns:
         MSE in the pixels' units squared: (N,) for a batch or list, 0-d for one unbatched pair, with a
@@ -126,14 +135,15 @@ def mse(x: ImageInput, y: ImageInput, *, per_channel: bool = False, precision: s
     References:
         scikit-image's `skimage.metrics.mean_squared_error`.
     """
-    crop_border = _check_common(per_channel, precision, crop_border)
-    values = _mse_in_caller_order(pair_batches(x, y), precision=precision, crop_border=crop_border)
+    crop_border = _check_common(per_channel, precision, crop_border, compile)
+    values = _mse_in_caller_order(pair_batches(x, y), precision=precision, crop_border=crop_border, policy=compile)
     return values if per_channel else mean_over_channels(values)
 
 
-def _mse_in_caller_order(batches: PairBatches, *, precision: str, crop_border: int) -> torch.Tensor:
+def _mse_in_caller_order(batches: PairBatches, *, precision: str, crop_border: int, policy: str) -> torch.Tensor:
     with torch.autocast(device_type=batches.device.type, enabled=False):
-        per_batch = [_channel_mse(xb, yb, precision=precision, crop_border=crop_border) for _, xb, yb in batches.groups]
+        per_batch = [_channel_mse(xb, yb, precision=precision, crop_border=crop_border, policy=policy)
+                     for _, xb, yb in batches.groups]
     return in_caller_order(batches, per_batch)
 
 
@@ -169,6 +179,7 @@ def psnr(
     per_channel: bool = False,
     precision: str = "fp32",
     crop_border: int = 0,
+    compile: str = "auto",
 ):
     """Peak signal-to-noise ratio of image pairs, 10 log10(L^2 / MSE): exact, batch-invariant, +inf if identical.
 
@@ -187,6 +198,7 @@ def psnr(
         per_channel: Return (N, C) per-channel PSNRs.
         precision: 'fp32', 'amp' (float32 squares, float64 sums) or 'fp64' (float64 throughout).
         crop_border: Pixels removed from each side of both images first (BasicSR's `crop_border`).
+        compile: The CPU compile policy, as in `mse()`: speed only, the same bits.
 
     Returns:
         PSNR in dB, float32 (float64 for 'fp64'): (N,) for a batch or list, 0-d for one unbatched pair, with
@@ -205,10 +217,10 @@ def psnr(
     References:
         scikit-image's `skimage.metrics.peak_signal_noise_ratio`; BasicSR `basicsr/metrics/psnr_ssim.py`.
     """
-    crop_border = _check_common(per_channel, precision, crop_border)
+    crop_border = _check_common(per_channel, precision, crop_border, compile)
     batches = pair_batches(x, y)
     value_range = resolve_data_range(batches.groups[0][1].dtype, data_range)  # one dtype per call
-    errors = _mse_in_caller_order(batches, precision=precision, crop_border=crop_border)
+    errors = _mse_in_caller_order(batches, precision=precision, crop_border=crop_border, policy=compile)
     return psnr_from_mse(errors if per_channel else mean_over_channels(errors), value_range)
 
 
