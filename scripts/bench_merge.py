@@ -1,6 +1,7 @@
 """The merge at scale: today's one-process merge against the merge as Ray tasks, with 1 and 2 workers.
 
 `python scripts/bench_merge.py [--rows 1000000 10000000] [--parts 1000] [--workers 1 2] [--rounds 3]`
+`python scripts/bench_merge.py --per-part [--per-part-rows 100000] [--rounds 3]`
 
 For each row count, builds an audit output (part files with their commit markers, as actors write them) of
 synthetic scores for real sample pairs, as scripts/bench_report.py makes them: the built-in sample set's 222
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -181,8 +182,67 @@ def _single_file_max_rows() -> int:
     return SINGLE_FILE_MAX_ROWS
 
 
+def per_part_costs(workdir: Path, *, rows: int, parts: Tuple[int, int], rounds: int) -> dict:
+    """CPU seconds per part file of each merge step, from `rows` rows cut into parts[0] and parts[1] parts.
+
+    The row-count fit (`_fit`) has every point at one part count, so its per-part term is an intercept:
+    fixed costs (the driver's Ray client, planning, publishing) spread over the parts. This measures the
+    steps' cost per part directly, in this process, with the row count held: the one-process merge
+    (`output.merge.merge`), a block's work (`summarise_block`, what one Ray task runs), and the driver's
+    combining (`MergeAccumulator.add` of every block, plus the one file's writer for the file layout).
+    """
+    import statistics
+
+    from ssim_ray.config import SummaryConfig
+    from ssim_ray.output import merge as merging
+    from ssim_ray.output.commit import scan_shards
+
+    cfg = SummaryConfig(group_by=GROUP_BY)
+    timed: Dict[str, Dict[int, List[float]]] = {}
+    for count in parts:
+        out = workdir / f"parts-{count}"
+        plan = build(out / "out", rows=rows, part_rows=-(-rows // count))
+        root = str(out / "out")
+        info = merging.RunInfo(metric={}, plan_fingerprint="bench", total_pairs=rows)
+        merge_plan = merging.plan_merge(scan_shards(root), plan["shards"], single_file_max_rows=rows,
+                                        block_rows=merging.block_rows_for(rows))
+        for _ in range(rounds):
+            cpu = time.process_time()
+            merging.merge(root, plan_shard_ids=plan["shards"], summary_cfg=cfg, run_info=info)
+            timed.setdefault("one_process_merge", {}).setdefault(count, []).append(time.process_time() - cpu)
+            cpu = time.process_time()
+            blocks = [merging.summarise_block(root, merge_plan.block(i), index=i, schema=merge_plan.schema,
+                                              summary_cfg=cfg) for i in range(len(merge_plan.blocks))]
+            timed.setdefault("ray_task_work", {}).setdefault(count, []).append(time.process_time() - cpu)
+            for layout in ("file", "folder"):
+                accumulator = merging.MergeAccumulator(cfg, capacity=rows)
+                sink = pa.BufferOutputStream()
+                cpu = time.process_time()
+                if layout == "file":
+                    with merging.RowGroupWriter(sink, merge_plan.schema) as writer:
+                        for block in blocks:
+                            accumulator.add(block)
+                            for table in block.tables:
+                                writer.add(table)
+                else:
+                    for block in blocks:
+                        accumulator.add(block)
+                accumulator.result()
+                timed.setdefault(f"driver_combine_{layout}", {}).setdefault(count, []).append(
+                    time.process_time() - cpu)
+        shutil.rmtree(out)
+    low, high = parts
+    return {step: {"per_part_s": (statistics.median(by[high]) - statistics.median(by[low])) / (high - low),
+                   "cpu_s": {str(k): statistics.median(v) for k, v in by.items()}}
+            for step, by in timed.items()} | {"rows": rows, "parts": list(parts), "rounds": rounds}
+
+
 def _fit(points: List[dict], key: str) -> dict:
-    """seconds = per_part * parts + per_row * rows, from two (parts, rows) points with equal parts."""
+    """seconds = per_part * parts + per_row * rows, from two (parts, rows) points with equal parts.
+
+    With equal parts the per-part term is the intercept (fixed costs included) divided by the parts: the
+    per-part costs proper come from `per_part_costs` (`--per-part`).
+    """
     (a, b) = sorted(points, key=lambda p: p["rows"])[:2]
     per_row = (b[key] - a[key]) / (b["rows"] - a["rows"])
     per_part = max(0.0, (a[key] - per_row * a["rows"]) / a["parts"])
@@ -200,6 +260,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--costs", type=Path, default=REPO / "scripts" / "merge_costs.json")
     parser.add_argument("--keep", action="store_true", help="keep the built outputs")
+    parser.add_argument("--per-part", action="store_true",
+                        help="only measure each step's CPU cost per part file (in this process, no Ray: "
+                             "--per-part-rows in 100 and 1,000 parts) and add it to --costs")
+    parser.add_argument("--per-part-rows", type=int, default=100_000)
     parser.add_argument("--phase", choices=("merge",), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("sequential", "ray"), default="sequential", help=argparse.SUPPRESS)
     parser.add_argument("--phase-workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -211,6 +275,13 @@ def main() -> None:
     from bench_machine import machine
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix="bench_merge_"))
+    if args.per_part:
+        measured = per_part_costs(base, rows=args.per_part_rows, parts=(100, 1000), rounds=args.rounds)
+        costs = json.loads(args.costs.read_text())
+        costs["per_part_measured"] = dict(measured, machine=machine())
+        args.costs.write_text(json.dumps(costs, indent=1) + "\n")
+        print(json.dumps(measured, indent=1))
+        return
     results = []
     for rows in args.rows:
         workdir = base / f"rows-{rows}"

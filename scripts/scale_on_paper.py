@@ -48,26 +48,43 @@ class MergeModel:
 
     Below RAY_MERGE_MIN_ROWS the merge is one process on the driver (`one_process`). Above, Ray tasks read,
     check and summarise blocks of parts (`task`, shared by the cluster's CPUs, at most one per block) and the
-    driver folds each part's statistics in plan order and, up to SINGLE_FILE_MAX_ROWS, writes the one file
-    (`driver_file`); above that the tasks write a folder of files (`task_folder_extra_row_s` more per row) and
-    the driver only folds (`driver_folder_row_s`). Conservative: the driver's and the tasks' shares are added,
-    though they overlap in the job.
+    driver combines the blocks in plan order (statistics, the moments' trail per part, exact-percentile
+    scores) and, up to SINGLE_FILE_MAX_ROWS, writes the one file (`driver_file`); above that the tasks write
+    a folder of files (`task_folder_extra_row_s` more per row) and the driver only combines
+    (`driver_folder`). Each is (per part s, per row s) plus, for the driver, `driver_fixed_s` (its Ray
+    client, planning, publishing: what the row-count fit's intercept holds). Per-part costs are
+    bench_merge.py's `per_part_measured` (the row count held, the part count varied) where present: the
+    row-count fit has every point at one part count, so its own per-part term is that intercept spread over
+    the parts, not a cost per part. Conservative: the driver's and the tasks' shares are added, though they
+    overlap in the job.
     """
 
     one_process: Tuple[float, float]  # (per part s, per row s)
     task: Tuple[float, float]
     driver_file: Tuple[float, float]
-    driver_folder_row_s: float
+    driver_folder: Tuple[float, float]
+    driver_fixed_s: float
     task_folder_extra_row_s: float
     start_s: float
     bytes_per_row: float = 12.0
 
     @classmethod
     def from_costs(cls, costs: dict, *, bytes_per_row: float = 12.0) -> "MergeModel":
-        pair = lambda key: (costs[key]["per_part_s"], costs[key]["per_row_s"])  # noqa: E731
-        return cls(pair("one_process_merge"), pair("ray_task_work"), pair("ray_driver_file"),
-                   costs["ray_driver_folder_per_row_s"], costs["folder_task_extra_per_row_s"], costs["ray_start_s"],
-                   bytes_per_row)
+        measured = costs.get("per_part_measured", {})
+        fit_parts = costs["measurements"][0]["parts"]  # the part count of the row-count fit's points
+
+        def per_part(step: str, fitted: float) -> float:
+            return measured[step]["per_part_s"] if step in measured else fitted
+
+        one, task, driver = (costs[k] for k in ("one_process_merge", "ray_task_work", "ray_driver_file"))
+        driver_file_part = per_part("driver_combine_file", driver["per_part_s"])
+        # The fit's intercept less what the measured per-part combining explains of it.
+        fixed = max(0.0, (driver["per_part_s"] - driver_file_part) * fit_parts)
+        return cls((per_part("one_process_merge", one["per_part_s"]), one["per_row_s"]),
+                   (per_part("ray_task_work", task["per_part_s"]), task["per_row_s"]),
+                   (driver_file_part, driver["per_row_s"]),
+                   (per_part("driver_combine_folder", driver["per_part_s"]), costs["ray_driver_folder_per_row_s"]),
+                   fixed, costs["folder_task_extra_per_row_s"], costs["ray_start_s"], bytes_per_row)
 
     def seconds(self, *, rows: float, parts: float, cpus: float) -> Tuple[float, str]:
         """(wall seconds, how) to merge `rows` rows from `parts` part files on a cluster of `cpus` CPUs."""
@@ -78,7 +95,8 @@ class MergeModel:
         folder = rows > SINGLE_FILE_MAX_ROWS
         task_row = self.task[1] + (self.task_folder_extra_row_s if folder else 0.0)
         tasks = (parts * self.task[0] + rows * task_row) / workers
-        driver = parts * self.driver_file[0] + rows * (self.driver_folder_row_s if folder else self.driver_file[1])
+        per_part, per_row = self.driver_folder if folder else self.driver_file
+        driver = self.driver_fixed_s + parts * per_part + rows * per_row
         how = f"{blocks:,.0f} Ray tasks on {workers:,.0f} CPUs, {'a folder of files' if folder else 'one file'}"
         return self.start_s + driver + tasks, how
 

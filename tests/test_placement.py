@@ -224,11 +224,19 @@ def test_scale_on_paper_models_the_merge_from_the_measured_costs_and_the_merge_r
     assert rows > SINGLE_FILE_MAX_ROWS
     blocks = rows / block_rows_for(rows)
     seconds, how = model.seconds(rows=rows, parts=parts, cpus=4096)
-    task = costs["ray_task_work"]
-    expected = (costs["ray_start_s"] + parts * costs["ray_driver_file"]["per_part_s"]
+    task, measured = costs["ray_task_work"], costs["per_part_measured"]
+    # The row-count fit's per-part term is an intercept (all its points at one part count): the model takes
+    # the measured per-part costs, and keeps the rest of that intercept as the driver's fixed cost.
+    fit_parts = costs["measurements"][0]["parts"]
+    assert all(m["parts"] == fit_parts for m in costs["measurements"])
+    fixed = (costs["ray_driver_file"]["per_part_s"] - measured["driver_combine_file"]["per_part_s"]) * fit_parts
+    assert fixed > 0
+    expected = (costs["ray_start_s"] + fixed + parts * measured["driver_combine_folder"]["per_part_s"]
                 + rows * costs["ray_driver_folder_per_row_s"]
-                + (parts * task["per_part_s"] + rows * (task["per_row_s"] + costs["folder_task_extra_per_row_s"])) / blocks)
+                + (parts * measured["ray_task_work"]["per_part_s"]
+                   + rows * (task["per_row_s"] + costs["folder_task_extra_per_row_s"])) / blocks)
     assert seconds == pytest.approx(expected) and "a folder of files" in how
-    one_process = parts * costs["one_process_merge"]["per_part_s"] + rows * costs["one_process_merge"]["per_row_s"]
+    one_process = (parts * measured["one_process_merge"]["per_part_s"]
+                   + rows * costs["one_process_merge"]["per_row_s"])
     assert seconds < one_process  # the parallel merge is the faster one on a cluster
     assert model.seconds(rows=rows, parts=parts, cpus=2)[0] > seconds  # and it uses the cluster's CPUs
