@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import time
 from collections import deque
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import ray
 import ray.exceptions
@@ -356,8 +356,30 @@ def merge_only(cfg: AuditJobConfig, *, output_url: str) -> RunOutcome:
                       claim=claim)
 
 
+def _other_metric_lines(summary: Dict[str, Any]) -> List[str]:
+    """PSNR's and MS-SSIM's closing lines: their distribution, and the pairs that have no finite value."""
+    lines, computed = [], summary.get("metric", {}).get("metrics")
+    for metric, unit, digits in (("psnr", " dB", 2), ("ms_ssim", "", 4)):
+        block = summary.get(metric)
+        if not block or (computed is not None and metric not in computed):
+            continue  # summary.json has a block per metric; one the run did not compute stays out
+        apart = []
+        if block.get("infinite"):
+            apart.append(f"{block['infinite']} identical (+inf)")
+        apart += [f"{count} {reason}" for reason, count in sorted((block.get("undefined") or {}).items())]
+        if block.get("count"):
+            pct = block.get("percentiles", {})
+            text = (f"  {metric}: mean {block['mean']:.{digits}f}{unit}  min {block['min']:.{digits}f}  "
+                    f"p5 {pct['p5']:.{digits}f}  p50 {pct['p50']:.{digits}f}  max {block['max']:.{digits}f}")
+        else:
+            text = f"  {metric}: no finite value"
+        lines.append(text + (f"  ({', '.join(apart)} not in these)" if apart else ""))
+    return lines
+
+
 def print_summary(outcome: RunOutcome, stream=None) -> None:
-    """A short human summary on stdout: counts, the SSIM distribution, the worst pairs, where results are."""
+    """A short human summary on stdout: counts, the SSIM (PSNR, MS-SSIM) distribution, the worst pairs, where
+    results are."""
     stream = stream or sys.stdout
     summary = outcome.summary
     write = lambda text="": print(text, file=stream)  # noqa: E731
@@ -372,6 +394,8 @@ def print_summary(outcome: RunOutcome, stream=None) -> None:
             f"  ssim: mean {overall['mean']:.4f}  std {overall['std']:.4f}  min {overall['min']:.4f}  "
             f"p5 {pct['p5']:.4f}  p50 {pct['p50']:.4f}  max {overall['max']:.4f}"
         )
+    for line in _other_metric_lines(summary):
+        write(line)
     for worst in summary.get("worst", [])[:5]:
         write(f"  worst: {worst['ssim']:.4f}  {worst['pair_id']}  {worst.get('distorted', '')}")
     throughput = summary.get("throughput", {}).get("pairs_per_second")

@@ -85,3 +85,28 @@ def test_the_closing_summary_names_report_html_only_when_one_was_written():
         lines[written] = next(line for line in printed.getvalue().splitlines() if "results:" in line)
     assert lines[False].endswith("/out/ssim.parquet, summary.json")
     assert lines[True].endswith("/out/ssim.parquet, summary.json, report.html")
+
+
+def test_the_closing_summary_gives_psnr_and_ms_ssim_with_the_pairs_kept_apart():
+    import io
+
+    from ssim_ray.run import RunOutcome, print_summary
+
+    pct = {"p5": 0.5, "p50": 0.9}
+    summary = {"run_id": "r", "status_counts": {"ok": 4}, "shards": {"total": 1, "computed": 1, "resumed": 0},
+               "metric": {"metrics": ["ssim", "psnr", "ms_ssim"]},
+               "ssim": {"count": 4, "mean": 0.8, "std": 0.1, "min": 0.5, "max": 0.99, "percentiles": pct},
+               "psnr": {"count": 3, "mean": 31.234, "min": 25.0, "max": 40.0, "percentiles": {"p5": 25.5, "p50": 30.0},
+                        "infinite": 1, "undefined": {}},
+               "ms_ssim": {"count": 2, "mean": 0.95, "min": 0.9, "max": 0.99, "percentiles": pct, "infinite": 0,
+                           "undefined": {"too_small": 1, "nonpositive_term": 1}}}
+    printed = io.StringIO()
+    print_summary(RunOutcome(summary=summary, exit_code=0, output_url="/out"), printed)
+    lines = {line.split(":")[0].strip(): line for line in printed.getvalue().splitlines() if ":" in line}
+    assert "mean 31.23 dB" in lines["psnr"] and "(1 identical (+inf) not in these)" in lines["psnr"]
+    assert "mean 0.9500" in lines["ms_ssim"]
+    assert "(1 nonpositive_term, 1 too_small not in these)" in lines["ms_ssim"]
+    printed = io.StringIO()  # an audit of SSIM alone prints no line for the metrics it did not compute
+    print_summary(RunOutcome(summary=dict(summary, metric={"metrics": ["ssim"]}), exit_code=0, output_url="/out"),
+                  printed)
+    assert "psnr" not in printed.getvalue() and "ms_ssim" not in printed.getvalue()
