@@ -187,25 +187,38 @@ def test_compare_html_renders_in_headless_chromium(regression, tmp_path):
     assert shot.std() > 20 and len(np.unique(shot)) > 64  # text, charts and photographs, not a blank page
 
 
-def _job(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.compare", *overrides], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+def _jobs(*runs: list, cwd: Path) -> list:
+    """`python -m jobs.compare` once per list of overrides, the runs at the same time (they share no output)."""
+    started = [subprocess.Popen([sys.executable, "-m", "jobs.compare", *overrides], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+               for overrides in runs]
+    try:
+        outputs = [p.communicate(timeout=300) for p in started]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(started, outputs)]
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def test_the_job_exits_with_the_gate_code_and_zero_when_gates_pass(audits, tmp_path):
     _, outputs, _ = audits
-    failed = _job(f"baseline={outputs['baseline']}", f"candidate={outputs['candidate']}", "compare.report=false",
-                  "compare.max_mean_drop.ssim=0.01", "compare.group_max_fraction_worse.ssim=0.5",
-                  f"hydra.run.dir={tmp_path / 'failed'}", cwd=tmp_path)
+    failed, passed = _jobs(
+        [f"baseline={outputs['baseline']}", f"candidate={outputs['candidate']}", "compare.report=false",
+         "compare.max_mean_drop.ssim=0.01", "compare.group_max_fraction_worse.ssim=0.5",
+         f"hydra.run.dir={tmp_path / 'failed'}"],
+        [f"baseline={outputs['baseline']}", f"candidate={outputs['rerun']}", "compare.report=false",
+         "compare.max_mean_drop.ssim=0", f"compare.output_url={tmp_path / 'passed'}",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=tmp_path,
+    )
     assert failed.returncode == EXIT_COMPARE_GATE, failed.stderr
     assert "gate violated: compare.max_mean_drop.ssim=0.01" in failed.stderr
     assert "gate violated: compare.group_max_fraction_worse.ssim=0.5" in failed.stderr and "'jpeg'" in failed.stderr
     assert "ssim: regressed" in failed.stdout and "regressed in jpeg" in failed.stdout
     written = json.loads((tmp_path / "failed" / "compare.json").read_text())  # Hydra's run folder by default
     assert written["gates"]["exit_code"] == EXIT_COMPARE_GATE and (tmp_path / "failed" / "compare.parquet").exists()
-    passed = _job(f"baseline={outputs['baseline']}", f"candidate={outputs['rerun']}", "compare.report=false",
-                  "compare.max_mean_drop.ssim=0", f"compare.output_url={tmp_path / 'passed'}",
-                  f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
     assert passed.returncode == 0, passed.stderr
     assert "ssim: no significant change" in passed.stdout and (tmp_path / "passed" / "compare.json").exists()
 
@@ -214,11 +227,14 @@ def test_the_job_refuses_differing_settings_and_credentials_with_exit_1(tmp_path
     rows = [row(f"p{i}", 0.9) for i in range(4)]
     a = write_audit(tmp_path / "a", rows)
     b = write_audit(tmp_path / "b", rows, metric=SSIMConfig(downsample="wang").describe())
-    refused = _job(f"baseline={a}", f"candidate={b}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    refused, secret = _jobs(
+        [f"baseline={a}", f"candidate={b}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [f"baseline={a}", f"candidate={b}", "+compare.candidate_storage_options.secret=abc123",
+         f"hydra.run.dir={tmp_path / 'secret'}"],
+        cwd=tmp_path,
+    )
     assert refused.returncode == 1
     assert "downsample: baseline None, candidate 'wang'" in refused.stderr and "Traceback" not in refused.stderr
-    secret = _job(f"baseline={a}", f"candidate={b}", "+compare.candidate_storage_options.secret=abc123",
-                  f"hydra.run.dir={tmp_path / 'secret'}", cwd=tmp_path)
     assert secret.returncode == 1 and "credentials found" in secret.stderr
     assert not (tmp_path / "secret" / ".hydra").exists()  # refused before Hydra wrote the config
 

@@ -75,7 +75,9 @@ def ray_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=5)  # gcs_server may ignore SIGTERM (seen for 20 s): then SIGKILL
+            # `ray start --block` took 30-60 s to exit on SIGTERM (gcs_server may ignore it): a short grace, then
+            # SIGKILL, which every run took anyway after the 5 s this used to wait
+            head.wait(timeout=1)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
@@ -86,21 +88,30 @@ def test_ray_job_submit_gives_the_same_results_as_a_local_run(ray_head, tmp_path
     data = make_job_dataset(tmp_path / "data", photos=("camera", "coffee", "page"))
     overrides = ["source=parquet", f"source.url={data.manifest}", "source.pairs_per_shard=16",
                  "runtime.num_workers=2", "report.enabled=false"]
-    submitted = subprocess.run(
-        ["scripts/submit_cluster.sh", *overrides, f"output.url={tmp_path / 'cluster'}"],
-        cwd=REPO, env={**env, "RAY_ADDRESS": url, "RAY": RAY, "PYTHON": sys.executable},
-        capture_output=True, text=True, timeout=400,
-    )
+    # The local run (its own local Ray: no RAY_ADDRESS) runs while the job is submitted: the two share nothing but
+    # the manifest they read, and much of each is waiting on Ray's start-up.
+    local_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    local_log = tmp_path / "local.log"  # a file, not a pipe nobody reads while the job is submitted
+    with open(local_log, "w") as log:
+        local = subprocess.Popen(
+            [sys.executable, "-m", "jobs.ssim_audit", *overrides, f"output.url={tmp_path / 'local'}",
+             f"hydra.run.dir={tmp_path / 'hydra'}"],
+            cwd=REPO, env=local_env, stdout=log, stderr=log,
+        )
+    try:
+        submitted = subprocess.run(
+            ["scripts/submit_cluster.sh", *overrides, f"output.url={tmp_path / 'cluster'}"],
+            cwd=REPO, env={**env, "RAY_ADDRESS": url, "RAY": RAY, "PYTHON": sys.executable},
+            capture_output=True, text=True, timeout=400,
+        )
+        local.wait(timeout=400)
+    finally:
+        if local.poll() is None:
+            local.kill()
+            local.wait()
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout + submitted.stderr
-
-    local_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    local = subprocess.run(
-        [sys.executable, "-m", "jobs.ssim_audit", *overrides, f"output.url={tmp_path / 'local'}",
-         f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=REPO, env=local_env, capture_output=True, text=True, timeout=400,
-    )
-    assert local.returncode == 0, local.stderr[-3000:]
+    assert local.returncode == 0, local_log.read_text()[-3000:]
     columns = ["pair_id", "status", "ssim", "ssim_per_channel", "height", "width", "error"]
     cluster_rows = read_results(tmp_path / "cluster").select(columns).to_pylist()
     local_rows = read_results(tmp_path / "local").select(columns).to_pylist()
