@@ -53,15 +53,25 @@ print(json.dumps({"batched": [v.hex() for v in batched], "alone": [v.hex() for v
 """
 
 
-def _scores(gil_free: bool) -> dict:
-    run = subprocess.run([sys.executable, "-c", _SCORE_PAIRS, "1" if gil_free else "0"], capture_output=True,
-                         text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+def _start_scoring(gil_free: bool) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _SCORE_PAIRS, "1" if gil_free else "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+
+
+def _scores(run: subprocess.Popen) -> dict:
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-2000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_gil_free_kernel_gives_the_same_bits_as_the_default_one():
-    with_cpp_wrapper, default = _scores(True), _scores(False)
+    # Two processes side by side (each one thread, each compiling its own kernel): neither sees the other.
+    runs = _start_scoring(True), _start_scoring(False)
+    try:
+        with_cpp_wrapper, default = _scores(runs[0]), _scores(runs[1])
+    finally:
+        for run in runs:
+            run.kill()  # a no-op once it has exited: none is left running after a failure or a timeout
     # Both really ran the compiled kernel, one through each wrapper (a failed compile would fall back to
     # the eager kernel and make the comparison empty).
     assert with_cpp_wrapper["compiled"] == default["compiled"] == [True]
