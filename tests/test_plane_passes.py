@@ -1,8 +1,10 @@
 """The plane passes (`ssim_ray.metric.plane_passes`): compiled and eager give the definition's bits.
 
-MS-SSIM's between-scale halving must equal `wang_downsample(x.to(dtype), 2)` (imfilter 'symmetric' then every
-second pixel) to the bit in every dtype, on odd and even sides, one-pixel sides included; PSNR's fused
-squared-error sums must equal the int64 sums on uint8 and uint16 planes, crops (strided views) included.
+MS-SSIM's between-scale halving (numpy on CPU, split among threads; torch elsewhere) must equal
+`wang_downsample(x.to(dtype), 2)` (imfilter 'symmetric' then every second pixel) to the bit in every dtype,
+on odd and even sides, one-pixel sides included, strided views included; PSNR's fused squared-error sums
+must equal the int64 sums on uint8 and uint16 planes - uint8 planes whose pixel count is a multiple of 4 as
+int32 words of four pixels, views that start mid-word included - crops (strided views) included.
 Real photographs with real distortions (JPEG, noise, SR-style bicubic down-and-up).
 """
 
@@ -14,7 +16,7 @@ import torch
 from reference_impls import chw, photo_pair
 
 from ssim_ray.metric import ms_ssim_terms_and_ssim, mse
-from ssim_ray.metric.plane_passes import exact_square_error_sums, halve
+from ssim_ray.metric.plane_passes import exact_square_error_sums, halve, halve_pair
 from ssim_ray.metric.window import wang_downsample
 
 POLICIES = ["never", "always"]
@@ -28,25 +30,48 @@ def photos(height: int, width: int, *, top: int = 0, left: int = 0) -> tuple:
     return x, y
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("height, width", [(96, 64), (181, 177), (64, 33), (33, 64), (1, 7), (7, 1), (2, 2), (1, 1)])
-def test_halve_is_wang_downsample_bitwise(height: int, width: int, policy: str) -> None:
+def test_halve_is_wang_downsample_bitwise(height: int, width: int, threads: int) -> None:
     x, _ = photos(max(height, 16), max(width, 16), top=40, left=60)
-    x = x[..., :height, :width]
+    x = x[..., :height, :width]  # a strided view of bigger planes
     cases = {torch.uint8: x, torch.uint16: x.to(torch.int32).mul(257).to(torch.uint16),
-             torch.float32: x.float() / 255 + 1e-3, torch.float16: (x.float() / 255).half()}
-    for in_dtype, images in cases.items():
-        for dtype in (torch.float32, torch.float64):
-            want = wang_downsample(images.to(dtype), 2)
-            got = halve(images, dtype, policy=policy)
-            assert got.dtype == dtype and got.shape == want.shape == (3, 3, -(-height // 2), -(-width // 2))
-            assert torch.equal(got, want), (in_dtype, dtype)
+             torch.float32: x.float() / 255 + 1e-3, torch.float16: (x.float() / 255).half(),
+             torch.bfloat16: (x.float() / 255).bfloat16(), torch.float64: x.double() / 255 + 1e-3}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for in_dtype, images in cases.items():
+            for dtype in (torch.float32, torch.float64):
+                want = wang_downsample(images.to(dtype), 2)
+                column_major = images.transpose(-2, -1).contiguous().transpose(-2, -1)
+                got, other = halve_pair(images, column_major, dtype)
+                assert got.dtype == dtype and got.shape == want.shape == (3, 3, -(-height // 2), -(-width // 2))
+                assert torch.equal(got, want), (in_dtype, dtype)
+                assert torch.equal(other, want), (in_dtype, dtype)  # the same pixels, column-major
+                assert torch.equal(halve(images, dtype), want), (in_dtype, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_halve_of_a_batch_large_enough_for_the_pool_is_each_planes_own() -> None:
+    """Big enough to be split among two threads: every plane's halving is the one it gets alone."""
+    x, y = photos(256, 200)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = halve_pair(x.float() / 7, y, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    for i in range(x.shape[0]):
+        assert torch.equal(got[0][i], wang_downsample((x[i : i + 1].float() / 7), 2)[0])
+        assert torch.equal(got[1][i], wang_downsample(y[i : i + 1].float(), 2)[0])
 
 
 def test_halve_averages_an_odd_sides_last_row_with_itself() -> None:
     """'symmetric' mirroring repeats the edge pixel: the last output of an odd side is its row's pair mean."""
     x = torch.arange(15, dtype=torch.uint8).reshape(1, 1, 3, 5)
-    got = halve(x, torch.float32, policy="never")[0, 0]
+    got = halve(x, torch.float32)[0, 0]
     assert got.tolist() == [[3.0, 5.0, 6.5], [10.5, 12.5, 14.0]]
 
 
@@ -63,6 +88,27 @@ def test_fused_square_error_sums_equal_the_integer_sums(dtype: torch.dtype, scal
     strided = xp[:, ::2], yp[:, ::2]  # another layout: the compiled kernel gets a contiguous copy
     want = (strided[0].to(torch.int64) - strided[1].to(torch.int64)).pow(2).sum(dim=(-2, -1)).to(torch.float64)
     assert torch.equal(exact_square_error_sums(*strided, crop=0, policy="always"), want)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_uint8_planes_as_words_of_four_pixels_give_the_integer_sums(policy: str) -> None:
+    """200 x 172 planes (a multiple of 4 pixels) go through the int32-word pass; so do crops that keep a
+    multiple of 4, and planes whose tensor starts mid-word (an aligned copy)."""
+    x, y = photos(200, 172, top=21, left=5)
+    xp, yp = x.reshape(-1, 200, 172), y.reshape(-1, 200, 172)
+    for crop in (0, 2, 3):  # 3 keeps 194 x 166 = 32204 pixels, a multiple of 4; 2 keeps 196 x 168
+        kept = (slice(None), slice(crop, 200 - crop), slice(crop, 172 - crop))
+        want = (xp[kept].to(torch.int64) - yp[kept].to(torch.int64)).pow(2).sum(dim=(-2, -1)).to(torch.float64)
+        assert torch.equal(exact_square_error_sums(xp, yp, crop=crop, policy=policy), want), crop
+    # Bytes that start one past a word: views of a flat buffer at offset 1.
+    flat_x = torch.cat([torch.zeros(1, dtype=torch.uint8), xp.flatten()])[1:].view(xp.shape)
+    flat_y = torch.cat([torch.zeros(3, dtype=torch.uint8), yp.flatten()])[3:].view(yp.shape)
+    assert flat_x.storage_offset() % 4 and flat_y.storage_offset() % 4
+    want = (xp.to(torch.int64) - yp.to(torch.int64)).pow(2).sum(dim=(-2, -1)).to(torch.float64)
+    assert torch.equal(exact_square_error_sums(flat_x, flat_y, crop=0, policy=policy), want)
+    # The extremes: every difference 255 (a word's four squares at their largest, 4 * 255^2 in int32).
+    white, black = torch.full((4, 64, 64), 255, dtype=torch.uint8), torch.zeros((4, 64, 64), dtype=torch.uint8)
+    assert exact_square_error_sums(white, black, crop=0, policy=policy).tolist() == [255.0**2 * 4096] * 4
 
 
 def test_compiled_and_eager_give_the_same_bits_in_a_batch_split_over_threads() -> None:

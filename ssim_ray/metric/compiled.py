@@ -44,7 +44,17 @@ COMPILE_OPTIONS = {"cpp.threads": 1, "cpp_wrapper": True}
 _kernels: dict = {}
 _kernel_lock = threading.Lock()
 _pools: dict = {}
+_padded_extents: dict = {}  # (id(rows), id(cols), pad) -> (rows, cols, padded rows, padded cols)
 _thread_buffers = threading.local()  # each pool thread's chunk buffers, reused call after call
+
+
+def wants_compile(policy: str, eager_seconds: float, *, decided: bool) -> bool:
+    """The compile policy's rule, for every compiled kernel of the package: 'always' compiles on first use,
+    'auto' once that kernel has spent COMPILE_AFTER_S seconds eagerly, 'never' not at all; a kernel already
+    `decided` (compiled, or its compile failed) is not compiled again."""
+    if decided or policy == "never":
+        return False
+    return policy == "always" or eager_seconds >= COMPILE_AFTER_S
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -67,9 +77,7 @@ class _CompiledTiles:
         self.failed: Optional[str] = None
 
     def wants_compile(self, policy: str) -> bool:
-        if self.compiled is not None or self.failed is not None or policy == "never":
-            return False
-        return policy == "always" or self.eager_seconds >= COMPILE_AFTER_S
+        return wants_compile(policy, self.eager_seconds, decided=self.compiled is not None or self.failed is not None)
 
     def compile(self) -> None:
         import torch._inductor.config  # noqa: F401 - loaded here, not at import: only compiling needs it
@@ -113,6 +121,8 @@ class _CompiledTiles:
                 first = [self.cut_and_call(tiles, rows, cols, starts[0], consts)]
                 self.ready_for_threads.add(threads)
         rest = starts[len(first):]
+        if threads == 1 or len(rest) == 1:  # on this thread: a hand-over to the pool costs ~0.1 ms a call here
+            return first + [self.cut_and_call(tiles, rows, cols, start, consts) for start in rest]
         return first + list(_pool(threads).map(lambda start: self.cut_and_call(tiles, rows, cols, start, consts), rest))
 
     def uses_compiled(self, policy: str) -> bool:
@@ -129,8 +139,7 @@ class _CompiledTiles:
             out = eager_tile_sums(tiles, rows, cols, consts, self.taps, self.variant)
             self.eager_seconds += time.perf_counter() - start
             return out
-        pad = -tiles.count % self.per_call  # the last call's empty tiles: extents 0, masked out
-        rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
+        rows, cols = _padded(rows, cols, -tiles.count % self.per_call)  # the last call's empty tiles, masked out
         try:
             return join_sums(self.compiled_sums(tiles, rows, cols, consts), tiles.count)
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
@@ -138,6 +147,22 @@ class _CompiledTiles:
             self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
             return self.sums(tiles, rows, cols, consts, policy=policy)
+
+
+def _padded(rows: torch.Tensor, cols: torch.Tensor, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """rows and cols with `pad` zero extents appended; kept for the shared extents of `tiles.tile_extents`
+    (the same tensors call after call), so that a batch's coarse scales do not pad them again and again."""
+    key = (id(rows), id(cols), pad)
+    with _kernel_lock:
+        kept = _padded_extents.get(key)
+    if kept is not None and kept[0] is rows and kept[1] is cols:
+        return kept[2], kept[3]
+    padded = tuple(torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
+    with _kernel_lock:
+        if len(_padded_extents) >= 64:
+            _padded_extents.clear()
+        _padded_extents[key] = (rows, cols) + padded  # holding rows and cols keeps their ids from being reused
+    return padded
 
 
 def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:

@@ -162,8 +162,9 @@ def tile_means(
     variant: TileVariant,
     return_map: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Float64 means of the tile maps by the torch path: (N, C, 1) SSIM, or (N, C, 2) SSIM and cs with
-    `variant.with_cs`, of one validated same-shape batch (N, C, H, W) computed in `dtype` [and the SSIM maps].
+    """Float64 means of the tile maps by the torch path: (N, C, 1) SSIM, (N, C, 2) SSIM and cs with
+    `variant.with_cs`, or (N, C, 1) cs with `variant.cs_only`, of one validated same-shape batch (N, C, H, W)
+    computed in `dtype` [and the SSIM maps; cs maps for `cs_only`].
 
     Each mean is an image's own tile sums added in an order fixed by its size, then divided by the size of
     its valid map: the same bits in any batch.
@@ -184,7 +185,7 @@ def tile_means(
         ssim_map = stitch(tile_maps, planes, grid).reshape(count, channels, height - win + 1, -1)
     else:
         sums, ssim_map = torch_tile_sums(tiles, rows, cols, consts, taps, policy=policy, variant=variant), None
-    sums = plane_sums_in_order(sums, planes, grid).reshape(planes, -1, 2 if variant.with_cs else 1)
+    sums = plane_sums_in_order(sums, planes, grid).reshape(planes, -1, variant.sums_per_tile)
     plane_sums = pairwise_sum_last(sums.transpose(1, 2))
     # A tensor divisor: true division on every device (CUDA turns a scalar divisor into a reciprocal).
     count_px = torch.full_like(plane_sums, (height - win + 1) * (width - win + 1))

@@ -10,8 +10,8 @@ and the mean SSIM at scale L, per channel; the value is prod_l cs_l^w_l * ssim_L
 mean over channels. Between scales `imfilter(im, ones(2)/4, 'symmetric', 'same')` then `im(1:2:end,
 1:2:end)`: an odd side n becomes ceil(n/2) and its last row/column is averaged with itself (pytorch-msssim
 averages zero padding into it instead, which moves odd-sized images by up to ~1e-2). The means come from
-the tile kernel (`ssim_ray.metric.tiles`, variant with cs), so a pair's value has the same bits in any
-batch, and the scale-L SSIM map has `ssim()`'s own bits.
+the tile kernel (`ssim_ray.metric.tiles`: SSIM and cs at scale 1, cs alone at the middle scales, SSIM alone
+at the last), so a pair's value has the same bits in any batch, and the SSIM maps have `ssim()`'s own bits.
 
 Undefined values are never NaN. Two reasons, as codes: TOO_SMALL, an image whose short side is below
 win_size * 2^(L-1) (`msssim.m` refuses those: its last scale would be smaller than the window), and
@@ -43,13 +43,15 @@ from ssim_ray.metric.checks import (
 from ssim_ray.metric.kernel_choice import tile_means
 from ssim_ray.metric.structural import mean_over_channels
 from ssim_ray.metric.tiles import TileVariant
-from ssim_ray.metric.plane_passes import halve
+from ssim_ray.metric.plane_passes import halve_pair
 from ssim_ray.metric.window import crop_borders, gaussian_window_1d
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 TOO_SMALL = "too_small"
 NONPOSITIVE_TERM = "nonpositive_term"
 _WITH_CS = TileVariant(with_cs=True)
+_CS_ONLY = TileVariant(cs_only=True)
+_WANG = TileVariant()
 
 
 class MSSSIMUndefinedError(ValueError):
@@ -119,14 +121,16 @@ def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels:
     x, y = crop_borders(x, crop_border), crop_borders(y, crop_border)  # scale 1 reads the pixels as they are
     terms, full_ssim = [], None
     for level in range(levels):
+        # Scale 1 sums SSIM and cs (SSIM is also the caller's), the middle scales cs alone, the last SSIM
+        # alone: each map with the bits it has in the with-cs kernel (the same subexpressions).
+        variant = _WITH_CS if level == 0 else _WANG if level == levels - 1 else _CS_ONLY
         means, _ = tile_means(x, y, policy=policy, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype,
-                              variant=_WITH_CS)
-        last = level == levels - 1
-        terms.append(means[..., 0] if last else means[..., 1])
+                              variant=variant)
         if level == 0:
             full_ssim = means[..., 0]
-        if not last:
-            x, y = halve(x, dtype, policy=policy), halve(y, dtype, policy=policy)
+        terms.append(means[..., 0] if level == levels - 1 else means[..., -1])
+        if level < levels - 1:
+            x, y = halve_pair(x, y, dtype)
     return torch.stack(terms, dim=-1), full_ssim
 
 

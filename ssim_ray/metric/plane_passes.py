@@ -1,22 +1,22 @@
 """One-pass plane kernels beside the tile kernel: PSNR's exact squared-error sums and MS-SSIM's 2x2 halving.
 
-Each pass is a small function of whole image planes with an eager definition; on CPU, once the caller's
-compile policy says so (the tile kernel's rule: 'always' at once, 'auto' after COMPILE_AFTER_S seconds of
-eager time for that pass, 'never' not at all), torch.compile fuses it into one single-threaded C++ loop
-nest, run over chunks of planes by the tile kernel's thread pool. Both give the same bits:
+Both give the bits of their definitions, however they are computed:
 
 - `exact_square_error_sums`: per plane, sum of (x - y)^2 for integer pixels whose squares and sums are exact
-  integers in float64 (`peak_snr` decides when). Exact integers add the same in any order, so the fused
-  loop's order cannot move a bit; eagerly it is an int64 sum. (Measured: the eager path's ATen ops and
-  their int temporaries cost a quarter of SSIM's time, the fused loop a few percent.)
-- `halve`: `imfilter(im, ones(2)/4, 'symmetric', 'same')` then every second pixel, as
+  integers in float64 (`peak_snr` decides when). Exact integers add the same in any order, so no order can
+  move a bit; eagerly it is an int64 sum. On CPU, once the caller's compile policy says so (the tile
+  kernel's rule, `compiled.wants_compile`), torch.compile fuses it into one single-threaded C++ loop run
+  over chunks of planes by the tile kernel's thread pool. uint8 planes reach that loop as words of four
+  pixels each, typed float32 (bit patterns only, never computed with) and bit-cast to int32 in the loop,
+  where shifts and masks unpack them: inductor's vector loads of uint8 and of int32 lanes go through a
+  stack buffer (a store-forwarding stall per vector; measured 1.5 and 0.8 ns per pixel, a tenth of SSIM's
+  time), its float32 loads do not (0.2 ns per pixel).
+- `halve` / `halve_pair`: `imfilter(im, ones(2)/4, 'symmetric', 'same')` then every second pixel, as
   `window.wang_downsample(im, 2)` computes it - ((a + b) + (c + e)) / 4 over each 2x2 block (rows first; an
-  odd side's last row/column averaged with itself) - in the compute dtype, converting integer pixels on the
-  way (no float copy of the image first).
-
-Compiled with dynamic shapes, so one kernel serves every image size; the even part of a plane goes through
-it and an odd side's last row or column through the eager definition (so odd and even sizes share the
-compiled code).
+  odd side's last row/column averaged with itself) - in the compute dtype, converting the pixels on the way
+  (no float copy of the image first). On CPU it is three numpy ufunc calls on strided views (which release
+  the GIL, so the pool's threads share the planes): inductor leaves stride-2 loads scalar, and its
+  dynamic-shape guards cost ~0.2 ms a call, more than a coarse scale's whole halving (measured).
 
 State kept here is a cache, not configuration: one runner per (pass, dtypes), with its eager seconds.
 """
@@ -26,15 +26,22 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from ssim_ray.metric.compiled import COMPILE_AFTER_S, COMPILE_OPTIONS, _pool
+from ssim_ray.metric.compiled import COMPILE_OPTIONS, _pool, wants_compile
 
 # The eager integer sums work on cache-sized blocks: whole-batch int temporaries cost ~15x the arithmetic in
 # page faults and memory traffic (measured on 16x3x256^2 uint8).
 _EXACT_EAGER_ELEMENTS = 1 << 17
+# Halvings of fewer input pixels than this (x and y together) run on the calling thread: handing them to the
+# pool costs more than they do.
+_SERIAL_HALVE_ELEMENTS = 1 << 17
+# Dtypes whose halving numpy computes (bfloat16 has no numpy dtype: the torch definition takes it).
+_NUMPY_HALVE = {torch.uint8: np.uint8, torch.uint16: np.uint16, torch.float16: np.float16,
+                torch.float32: np.float32, torch.float64: np.float64}
 _lock = threading.Lock()
 _runners: dict = {}
 
@@ -55,23 +62,22 @@ def _square_error_sums_fused(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (diff * diff).sum(dim=-1)
 
 
-def _halve_blocks(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(R, 2, w, 2) pixel blocks (two input rows, w column pairs) -> (R, w): ((a + b) + (c + e)) / 4 with a, b
-    the block's left column, rows first, as `wang_downsample` adds them. (This view of the planes, rather
-    than stride-2 slices of (P, H, W), is what inductor turns into vector code: measured 2x.)"""
-    p = blocks.to(dtype)
-    return ((p[:, 0, :, 0] + p[:, 1, :, 0]) + (p[:, 0, :, 1] + p[:, 1, :, 1])) / 4.0
+def _byte_square_error_sums_eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(P,) sums over (P, L / 4) words of four uint8 pixels (typed float32): the pixels' own int64 sums."""
+    return _square_error_sums_eager(x.view(torch.uint8), y.view(torch.uint8))
 
 
-def halve_reference(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The halving's definition on (P, H, W) planes of any size: an odd side's last row/column doubled first."""
-    p = planes.to(dtype)
-    if p.shape[-2] % 2:
-        p = torch.cat([p, p[:, -1:]], dim=-2)
-    if p.shape[-1] % 2:
-        p = torch.cat([p, p[:, :, -1:]], dim=-1)
-    count, height, width = p.shape
-    return _halve_blocks(p.reshape(count * height // 2, 2, width // 2, 2), dtype).reshape(count, height // 2, -1)
+def _byte_square_error_sums_fused(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(P,) sums over (P, L / 4) words of four uint8 pixels each, typed float32: bit-cast to int32, the four
+    bytes unpacked by shifts and masks (which byte is which does not matter: x's and y's bytes pair up
+    alike), their squared differences added in int32 (at most 4 * 255^2), the words' sums in float64
+    (exact integers)."""
+    x, y = x.view(torch.int32), y.view(torch.int32)
+    total = None
+    for shift in (0, 8, 16, 24):
+        diff = ((x >> shift) & 255) - ((y >> shift) & 255)
+        total = diff * diff if total is None else total + diff * diff
+    return total.to(torch.float64).sum(dim=-1)
 
 
 class _PlanePass:
@@ -89,8 +95,7 @@ class _PlanePass:
 
     def _compiled_for(self, policy: str) -> Optional[Callable]:
         with _lock:
-            if self.compiled is None and self.failed is None and policy != "never" and (
-                    policy == "always" or self.eager_seconds >= COMPILE_AFTER_S):
+            if wants_compile(policy, self.eager_seconds, decided=self.compiled is not None or self.failed is not None):
                 fused = self.fused
 
                 def kernel(*args):
@@ -101,10 +106,10 @@ class _PlanePass:
                 self.compiled = torch.compile(kernel, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
             return None if policy == "never" else self.compiled
 
-    def run(self, planes: List[torch.Tensor], extra: tuple, *, policy: str, tiny: bool) -> torch.Tensor:
-        """The pass over (P, H, W) planes (several same-shape tensors), its outputs concatenated along P.
+    def run(self, planes: List[torch.Tensor], *, policy: str, tiny: bool) -> torch.Tensor:
+        """The pass over (P, ...) planes (several same-shape tensors), its outputs concatenated along P.
 
-        `tiny`: the caller's sizes that the compiled kernel would specialise on (an output side of 1).
+        `tiny`: the caller's sizes that the compiled kernel would specialise on (a side of 1).
         """
         count = planes[0].shape[0]
         compiled = None
@@ -112,7 +117,7 @@ class _PlanePass:
             compiled = self._compiled_for(policy)
         if compiled is None:
             start = time.perf_counter()
-            out = self.eager(*planes, *extra)
+            out = self.eager(*planes)
             self.eager_seconds += time.perf_counter() - start
             return out
         # Contiguous, and not views (dynamo guards on a view's base too), so that only sizes are guarded.
@@ -121,22 +126,22 @@ class _PlanePass:
         calls = max(1, min(torch.get_num_threads(), count // 2))
         try:
             if calls == 1:
-                return _call(compiled, planes, extra)
+                return _call(compiled, planes)
             chunks = zip(*(torch.tensor_split(p, calls) for p in planes))
-            parts = list(_pool(calls).map(lambda chunk: _call(compiled, [c.detach() for c in chunk], extra), chunks))
+            parts = list(_pool(calls).map(lambda chunk: _call(compiled, [c.detach() for c in chunk]), chunks))
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             with _lock:
                 self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"ssim_ray: compiled {self.name} pass failed, using the eager one (same bits): {self.failed}")
-            return self.run(planes, extra, policy=policy, tiny=tiny)
+            return self.run(planes, policy=policy, tiny=tiny)
         return torch.cat(parts)
 
 
-def _call(compiled: Callable, planes: List[torch.Tensor], extra: tuple) -> torch.Tensor:
+def _call(compiled: Callable, planes: List[torch.Tensor]) -> torch.Tensor:
     # No duck sizing: equal sizes (square planes, as many planes as rows) would otherwise be guarded as one
     # symbol, and the next unequal pair recompiled.
     with torch.fx.experimental._config.patch(use_duck_shape=False):
-        return compiled(*planes, *extra)
+        return compiled(*planes)
 
 
 def _runner(name: str, key: tuple, eager: Callable, fused: Callable) -> _PlanePass:
@@ -144,6 +149,15 @@ def _runner(name: str, key: tuple, eager: Callable, fused: Callable) -> _PlanePa
         if (name, key) not in _runners:
             _runners[(name, key)] = _PlanePass(name, eager, fused)
         return _runners[(name, key)]
+
+
+def _as_words(rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """(P, L) contiguous uint8 rows as (P, L / 4) words typed float32, or None where L is not a multiple of 4."""
+    if rows.shape[-1] % 4:
+        return None
+    if rows.storage_offset() % 4:  # a view that starts mid-word: its own aligned copy (a byte a pixel)
+        rows = rows.clone()
+    return rows.view(torch.float32)
 
 
 def exact_square_error_sums(x: torch.Tensor, y: torch.Tensor, *, crop: int, policy: str) -> torch.Tensor:
@@ -156,34 +170,97 @@ def exact_square_error_sums(x: torch.Tensor, y: torch.Tensor, *, crop: int, poli
     count, height, width = x.shape
     if crop:  # a contiguous copy of the kept pixels (1 or 2 bytes each): the pass sees (P, L) rows
         x, y = (t[:, crop : height - crop, crop : width - crop].contiguous() for t in (x, y))
-    x, y = x.reshape(count, -1), y.reshape(count, -1)
+    x, y = x.contiguous().reshape(count, -1), y.contiguous().reshape(count, -1)
+    if x.dtype == torch.uint8 and x.device.type == "cpu" and x.shape[-1] >= 8:
+        words = _as_words(x), _as_words(y)
+        if words[0] is not None:
+            runner = _runner("byte_square_error_sums", (), _byte_square_error_sums_eager,
+                             _byte_square_error_sums_fused)
+            return runner.run(list(words), policy=policy, tiny=False)
     runner = _runner("square_error_sums", (x.dtype,), _square_error_sums_eager, _square_error_sums_fused)
-    return runner.run([x, y], (), policy=policy, tiny=x.shape[-1] < 2)
+    return runner.run([x, y], policy=policy, tiny=x.shape[-1] < 2)
 
 
-def halve(images: torch.Tensor, dtype: torch.dtype, *, policy: str) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------- halving
+
+
+def _halve_blocks(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(R, 2, w, 2) pixel blocks (two input rows, w column pairs) -> (R, w): ((a + b) + (c + e)) / 4 with a, b
+    the block's left column, rows first, as `wang_downsample` adds them."""
+    p = blocks.to(dtype)
+    return ((p[:, 0, :, 0] + p[:, 1, :, 0]) + (p[:, 0, :, 1] + p[:, 1, :, 1])) / 4.0
+
+
+def halve_reference(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The halving's definition on (P, H, W) planes of any size: an odd side's last row/column doubled first."""
+    p = planes.to(dtype)
+    if p.shape[-2] % 2:
+        p = torch.cat([p, p[:, -1:]], dim=-2)
+    if p.shape[-1] % 2:
+        p = torch.cat([p, p[:, :, -1:]], dim=-1)
+    count, height, width = p.shape
+    return _halve_blocks(p.reshape(count * height // 2, 2, width // 2, 2), dtype).reshape(count, height // 2, -1)
+
+
+def _halve_numpy(planes: np.ndarray, out: np.ndarray) -> None:
+    """`halve_reference` of (P, H, W) planes (any strides) into `out`, (P, ceil(H/2), ceil(W/2)) in the
+    compute dtype, by the definition's own operations: row pairs added (converted to the compute dtype
+    first, as `dtype=` makes numpy do), then column pairs, then / 4 (an odd side's last row or column is
+    added to itself)."""
+    count, height, width = planes.shape
+    half_h, half_w = height // 2, width // 2
+    rows = np.empty((count, out.shape[1], width), dtype=out.dtype)
+    np.add(planes[:, 0 : 2 * half_h : 2], planes[:, 1 : 2 * half_h : 2], out=rows[:, :half_h], dtype=out.dtype)
+    if height % 2:
+        np.add(planes[:, height - 1], planes[:, height - 1], out=rows[:, half_h], dtype=out.dtype)
+    np.add(rows[:, :, 0 : 2 * half_w : 2], rows[:, :, 1 : 2 * half_w : 2], out=out[:, :, :half_w])
+    if width % 2:
+        np.add(rows[:, :, width - 1], rows[:, :, width - 1], out=out[:, :, half_w])
+    np.divide(out, out.dtype.type(4), out=out)
+
+
+def halve_pair(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`halve(x, dtype)` and `halve(y, dtype)`, their planes shared among the pool's threads in one go."""
+    out = _halve_all([x, y], dtype)
+    return out[0], out[1]
+
+
+def halve(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`wang_downsample(images.to(dtype), 2)` of an (N, C, H, W) batch, to the bit, converting on the way.
 
     Example:
-        >>> halve(torch.arange(9, dtype=torch.uint8).reshape(1, 1, 3, 3), torch.float32, policy="never")[0, 0]
+        >>> halve(torch.arange(9, dtype=torch.uint8).reshape(1, 1, 3, 3), torch.float32)[0, 0]
         tensor([[2.0000, 3.5000],
                 [6.5000, 8.0000]])
     """
-    count, channels, height, width = images.shape
-    planes = images.reshape(count * channels, height, width)
-    even_h, even_w = height // 2, width // 2
-    runner = _runner("halve", (images.dtype, dtype), _halve_blocks, _halve_blocks)
-    if even_h and not height % 2 and not width % 2:
-        out = runner.run([planes.reshape(count * channels * even_h, 2, even_w, 2)], (dtype,), policy=policy,
-                         tiny=even_w < 2)
-        return out.reshape(count, channels, even_h, even_w)
-    out = torch.empty((count * channels, -(-height // 2), -(-width // 2)), dtype=dtype, device=images.device)
-    if even_h and even_w:
-        blocks = planes[:, : 2 * even_h, : 2 * even_w].contiguous().reshape(count * channels * even_h, 2, even_w, 2)
-        out[:, :even_h, :even_w] = runner.run([blocks], (dtype,), policy=policy,
-                                              tiny=even_w < 2).reshape(count * channels, even_h, even_w)
-    if width % 2 and even_h:  # an odd side's last column or row: the definition, eagerly
-        out[:, :even_h, even_w:] = halve_reference(planes[:, : 2 * even_h, width - 1 :], dtype)
-    if height % 2:
-        out[:, even_h:, :] = halve_reference(planes[:, height - 1 :, :], dtype)
-    return out.reshape(count, channels, out.shape[-2], out.shape[-1])
+    return _halve_all([images], dtype)[0]
+
+
+def _halve_all(batches: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    threads = torch.get_num_threads()
+    if sum(b.numel() for b in batches) < _SERIAL_HALVE_ELEMENTS:
+        threads = 1
+    outputs, work = [], []
+    for images in batches:
+        count, channels, height, width = images.shape
+        planes = images.reshape(count * channels, height, width)
+        if images.device.type != "cpu" or images.dtype not in _NUMPY_HALVE or planes.shape[0] == 0:
+            outputs.append(halve_reference(planes, dtype).reshape(count, channels, -(-height // 2), -(-width // 2)))
+            continue
+        out = torch.empty((count * channels, -(-height // 2), -(-width // 2)), dtype=dtype)
+        pieces = max(1, min(threads, planes.shape[0]))
+        source = planes.detach().numpy()
+        target = out.numpy()
+        work += [(source[part], target[part]) for part in _plane_ranges(planes.shape[0], pieces)]
+        outputs.append(out.reshape(count, channels, out.shape[1], out.shape[2]))
+    if threads == 1 or len(work) < 2:
+        for source, target in work:
+            _halve_numpy(source, target)
+    else:
+        list(_pool(threads).map(lambda item: _halve_numpy(*item), work))
+    return outputs
+
+
+def _plane_ranges(count: int, pieces: int) -> List[slice]:
+    bounds = [count * i // pieces for i in range(pieces + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -33,6 +33,7 @@ How it computes (see docs/ARCHITECTURE.md for the contract and DESIGN.md §2 for
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -56,10 +57,23 @@ class TileVariant:
 
     sample_covariance: variances and covariance times consts[2] = N / (N - 1) (consts then holds 3 values).
     with_cs: tile sums of the contrast-structure map too, (K, 2) sums [ssim, cs] instead of (K,).
+    cs_only: tile sums of the contrast-structure map alone, (K,) (MS-SSIM's middle scales, which use no
+        SSIM): the luminance term, the SSIM map and its sums are never formed; the cs map has the bits
+        of `with_cs`'s (the same subexpressions).
     """
 
     sample_covariance: bool = False
     with_cs: bool = False
+    cs_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.with_cs and self.cs_only:
+            raise ValueError("TileVariant: with_cs (SSIM and cs sums) and cs_only (cs sums alone) exclude each other")
+
+    @property
+    def sums_per_tile(self) -> int:
+        """Maps summed per tile: 2 with `with_cs` ([ssim, cs]), else 1 (SSIM, or cs with `cs_only`)."""
+        return 2 if self.with_cs else 1
 
 
 WANG = TileVariant()
@@ -67,7 +81,12 @@ WANG = TileVariant()
 
 def taps_in(window: torch.Tensor, dtype: torch.dtype) -> List[float]:
     """Window taps as Python floats already rounded to the compute dtype, so every kernel multiplies alike."""
-    return [float(v) for v in window.to(dtype).to(torch.float64)]
+    return list(_taps_in(tuple(window.tolist()), dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _taps_in(window: Tuple[float, ...], dtype: torch.dtype) -> Tuple[float, ...]:
+    return tuple(float(v) for v in torch.tensor(window, dtype=torch.float64).to(dtype).to(torch.float64))
 
 
 # ------------------------------------------------------------------------------------------- moments
@@ -118,14 +137,17 @@ def _local_mean_and_var(a: torch.Tensor, taps: List[float]) -> Tuple[torch.Tenso
 
 def _maps(s: torch.Tensor, d: torch.Tensor, taps: List[float], consts: torch.Tensor,
           variant: TileVariant) -> Tuple[torch.Tensor, ...]:
-    """(SSIM map,) or (SSIM map, cs map) over the valid region, from the sum s = x + y and difference d = x - y."""
+    """(SSIM map,), (SSIM map, cs map) or (cs map,) over the valid region (per `variant`), from the sum
+    s = x + y and difference d = x - y."""
     mean_s, var_s = _local_mean_and_var(s, taps)
     mean_d, var_d = _local_mean_and_var(d, taps)
     if variant.sample_covariance:
         var_s, var_d = var_s * consts[2], var_d * consts[2]
-    big_a, small_a = mean_s * mean_s * 0.5 + consts[0], mean_d * mean_d * 0.5
     big_b, small_b = var_s * 0.5 + consts[1], var_d * 0.5
     cs_num, cs_den = big_b - small_b, big_b + small_b
+    if variant.cs_only:
+        return (cs_num / cs_den,)
+    big_a, small_a = mean_s * mean_s * 0.5 + consts[0], mean_d * mean_d * 0.5
     ssim_map = ((big_a - small_a) * cs_num) / ((big_a + small_a) * cs_den)
     return (ssim_map, cs_num / cs_den) if variant.with_cs else (ssim_map,)
 
@@ -164,7 +186,8 @@ def tile_kernel(
     rows, cols: (K,) int32, how many map rows / columns of each tile lie inside its image (the rest is padding).
     consts: C1, C2 (and N / (N - 1) for sample covariance) in the compute dtype (a tensor, so a new
     data_range does not recompile).
-    Returns (K,) sums, or (K, 2) sums of the SSIM and cs maps with `variant.with_cs`, and the SSIM map.
+    Returns (K,) sums, or (K, 2) sums of the SSIM and cs maps with `variant.with_cs`, and the SSIM map (cs
+    sums and the cs map with `variant.cs_only`).
     """
     maps = _maps(s, d, taps, consts, variant)
     map_rows, map_cols = maps[0].shape[-2:]  # TILE_ROWS x TILE_COLS, or a smaller tile (see `tile_grid`)
@@ -460,7 +483,16 @@ def pair_tiles(x: torch.Tensor, y: torch.Tensor, grid: TileGrid, dtype: torch.dt
 
 
 def tile_extents(planes: int, grid: TileGrid, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(K,) int32 rows and columns of each tile's map inside the image, tiles in strip order (0 for an empty slot)."""
+    """(K,) int32 rows and columns of each tile's map inside the image, tiles in strip order (0 for an empty slot).
+
+    Kept per (planes, grid, device) (a batch's coarse MS-SSIM scales asked for them again and again: a
+    tenth of a millisecond each time): the tensors are shared, read-only.
+    """
+    return _tile_extents(planes, grid, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_extents(planes: int, grid: TileGrid, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
     slots = torch.arange(grid.slots, device=device, dtype=torch.int32)
     strips = torch.arange(grid.across, device=device, dtype=torch.int32)
     rows = (grid.out_h - grid.rows * slots).clamp(min=0, max=grid.rows)
