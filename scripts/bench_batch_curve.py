@@ -244,7 +244,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
         runtime = RuntimeConfig()
         args.actors_per_node = 1 if args.device == "cuda" else cpu_actors(
-            [float(os.cpu_count() or 1)], torch_threads=int(runtime.cpus_per_worker), decode_threads=runtime.decode_threads)
+            [float(os.cpu_count() or 1)], torch_threads=int(runtime.cpus_per_worker))
     return args
 
 

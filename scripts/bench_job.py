@@ -611,7 +611,8 @@ def print_table(contenders: Dict[str, Contender], pairs: int, cores: int) -> Non
                 cpu = sum(b.median("cpu_ms_per_pair") for b in bounds)
                 print(f"| combined bound 1/(t_decode + t_compute), {BOUND_METRICS[compute]} | "
                       f"{_cells((rate, '.1f'), (job_rate / rate, '.2f'), (cpu, '.1f'))} |  |  |  |")
-    for job_key, compute in (("job", "ssim"), ("job3", "ssim3")):
+    pairs_to_bounds = [("job", "ssim"), ("job3", "ssim3")] + [(k, "ssim3") for k in contenders if k.startswith("job3 ")]
+    for job_key, compute in pairs_to_bounds:
         if all(contenders.get(k) and contenders[k].results for k in ("decode", compute, job_key)):
             # Each round ran every contender once, back to back: its own ratio compares like with like when
             # the load of the shared machine drifts between rounds.
@@ -621,7 +622,7 @@ def print_table(contenders: Dict[str, Contender], pairs: int, cores: int) -> Non
             cpu = contenders["decode"].median("cpu_ms_per_pair") + bound.median("cpu_ms_per_pair")
             print(f"\n{run.name} ÷ its combined bound ({BOUND_METRICS[compute]}), round by round: "
                   f"{', '.join(f'{r:.2f}' for r in per_round)} (median {statistics.median(per_round):.2f}"
-                  + ("; acceptance >= 0.8" if job_key == "job3" else "")
+                  + ("; acceptance >= 0.8" if job_key.startswith("job3") else "")
                   + f"); CPU: bound {cpu:.1f} ms/pair ÷ job {run.median('cpu_ms_per_pair'):.1f} = "
                   f"{cpu / run.median('cpu_ms_per_pair'):.2f}")
     batches = [m.outcome.batch for m in job.results if m.outcome.batch]
@@ -643,6 +644,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="default: what the job's parquet source uses (conf/source/parquet.yaml)")
     parser.add_argument("--job-variant", action="append", default=[],
                         help="an extra job run with config overrides, e.g. runtime.decode_threads=1,batch.size=16")
+    parser.add_argument("--job3-variant", action="append", default=[],
+                        help="an extra run of the all-metrics job with config overrides, e.g. runtime.cpus_per_worker=2")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 pairs, one round")
     parser.add_argument("--dispatch", type=int, default=0,
                         help="instead: time the driver dispatching this many shards to no-op actors")
@@ -679,7 +682,11 @@ def _contenders(args: argparse.Namespace, manifest: Path, rows, workdir: Path) -
     for variant in args.job_variant:
         overrides = tuple(item.split("=", 1) for item in variant.split(","))
         contenders[f"job {variant}"] = Contender(f"ssim_ray job, {variant}", job(overrides))
-    chosen = [k for k in contenders if args.only is None or k in args.only or k == "job" or k.startswith("job ")]
+    for variant in args.job3_variant:
+        overrides = tuple(item.split("=", 1) for item in variant.split(","))
+        contenders[f"job3 {variant}"] = Contender(f"ssim_ray job [ssim, psnr, ms_ssim], {variant}",
+                                                  job(overrides, ALL_METRICS))
+    chosen = [k for k in contenders if args.only is None or k in args.only or k == "job" or k.startswith(("job ", "job3 "))]
     return {k: contenders[k] for k in chosen}
 
 

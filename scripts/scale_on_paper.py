@@ -3,7 +3,7 @@
 Nothing in this script runs the job; it combines figures measured by the other benchmark scripts (pass
 your own with the flags; the defaults are the figures in docs/BENCHMARKS.md, named below) with the decode
 capacity the job really gives each node, taken from `ssim_ray.placement` (the one home of that rule):
-a CPU node runs `cpu_actors` actors of 1 torch + `actor_decode_threads` decode threads; a GPU node runs one
+a CPU node runs `cpu_actors` actors (one per core) of 1 torch + `actor_decode_threads` decode threads; a GPU node runs one
 actor per GPU, each decoding on `actor_decode_threads(..., reserved_cpus=gpu_actor_cpus(...))` threads.
 
 - job efficiency: the job's pairs/s over the combined bound 1/(t_decode + t_ssim) (bench_job.py), applied
@@ -143,9 +143,9 @@ def node_decode(a: argparse.Namespace, *, gpu: bool) -> Tuple[float, str]:
     """(pairs/s one node decodes, how the job lays its decoding out), from the placement's own rule."""
     cores = float(a.cores_per_node)
     if not gpu:
-        actors = cpu_actors([cores], torch_threads=1, decode_threads=a.decode_threads)
+        actors = cpu_actors([cores], torch_threads=1)
         threads = actor_decode_threads(a.decode_threads, device="cpu")
-        # Decode and SSIM share the node's cores; the actors' threads outnumber them (cpu_actors rounds up).
+        # Decode and SSIM share the node's cores: an actor per core, its decode threads beside it.
         busy = min(cores, actors * (1 + threads))
         rate = a.job_efficiency * busy * 1e3 / (a.decode_ms + a.cpu_ssim_ms)
         return rate, f"{actors} actors x (1 torch + {threads} decode threads)"

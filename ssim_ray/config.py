@@ -351,8 +351,8 @@ class RuntimeConfig:
     """Ray and actors.
 
     address: None starts a local Ray; `auto` or `host:port` joins a running cluster.
-    num_workers: actors; None: one per GPU, or on CPU one per (cpus_per_worker + decode_threads) CPUs of
-        each node, rounded up (placement.cpu_actors).
+    num_workers: actors; None: one per GPU, or on CPU one per cpus_per_worker CPUs of each node (one per
+        core by default), rounded up (placement.cpu_actors).
     device: `auto` (CUDA where the actor is given a GPU, else CPU), `cpu` or `cuda`.
     decode_threads: fetch-and-decode threads per actor: a positive integer, or `auto` (a GPU actor reserves
         and decodes on its node's CPUs, less one for Ray, divided among the node's GPU actors; a CPU actor

@@ -1,7 +1,7 @@
 """Where actors run and how many: Ray connection, device choice, actor count and resources per actor.
 
 One actor per GPU (or per `runtime.gpus_per_worker`); on CPU-only clusters, unless `runtime.num_workers`
-is set, `cpu_actors` per node, spread over the nodes. Each actor runs `cpus_per_worker` torch threads and
+is set, `cpu_actors` per node (one per core), spread over the nodes. Each actor runs `cpus_per_worker` torch threads and
 `actor_decode_threads` fetch-and-decode threads: with `runtime.decode_threads=auto` (the default) a GPU actor
 reserves and decodes on its node's CPUs divided among the node's GPU actors (`gpu_actor_cpus`), a CPU actor
 keeps `CPU_DECODE_THREADS`; an integer is used as given. This module is the one home of that rule
@@ -33,8 +33,8 @@ _RESOURCE_UNITS = (("CPU", "num_cpus"), ("GPU", "num_gpus"))
 # decode thread that shares one with them is descheduled at random, stalling its actor's ordered stream.
 RAY_RESERVE_CPUS = 1
 # Decode threads of an actor under decode_threads=auto on a CPU-only cluster (the rule before `auto`): a
-# CPU actor keeps 1 torch thread and 2 decode threads busy (decoding a pair costs about twice its SSIM),
-# see cpu_actors. Also the least a GPU actor gets: fetches that wait on storage overlap with decoding.
+# CPU actor (one per core, see cpu_actors) decodes on 2 threads beside its torch thread, so that fetches
+# that wait on storage overlap with decoding. Also the least a GPU actor gets.
 CPU_DECODE_THREADS = 2
 
 
@@ -76,8 +76,8 @@ def connect_ray(address: Optional[str]) -> bool:
 def plan_placement(cfg: AuditJobConfig) -> Placement:
     """Device, actor count and resources: one actor per GPU (or `gpus_per_worker`), else CPU actors.
 
-    CPU actors, unless `runtime.num_workers` is set: `cpu_actors` per node, spread over the nodes. Each runs
-    `cpus_per_worker` torch threads and `actor_decode_threads` decode threads. A GPU actor under
+    CPU actors, unless `runtime.num_workers` is set: `cpu_actors` per node (one per `cpus_per_worker` CPUs),
+    spread over the nodes. Each runs `cpus_per_worker` torch threads and `actor_decode_threads` decode threads. A GPU actor under
     `runtime.decode_threads=auto` reserves `min_gpu_actor_cpus` CPUs and decodes on as many threads; with
     an integer it reserves `cpus_per_worker` CPUs, as before `auto`. The count is then reduced to what the
     alive nodes can place (`fit_to_cluster`).
@@ -106,12 +106,10 @@ def plan_placement(cfg: AuditJobConfig) -> Placement:
         share = min(1.0, runtime.gpus_per_worker)
     else:
         node_cpus = [node["CPU"] for node in nodes if node.get("CPU")]
-        cpu_decode = actor_decode_threads(runtime.decode_threads, device="cpu")
-        requested = runtime.num_workers or cpu_actors(node_cpus, torch_threads=torch_threads,
-                                                      decode_threads=cpu_decode)
+        requested = runtime.num_workers or cpu_actors(node_cpus, torch_threads=torch_threads)
         # Spread over the nodes: Ray's default packs actors onto one node until half its CPUs are taken.
         options = {"num_cpus": runtime.cpus_per_worker, "scheduling_strategy": "SPREAD"}
-        asked = _asked(runtime.num_workers, f"one per {torch_threads + cpu_decode} CPUs of each node")
+        asked = _asked(runtime.num_workers, f"one per {torch_threads} CPU{'s' if torch_threads > 1 else ''} of each node")
         num_workers = fit_to_cluster(requested, options, nodes, asked=asked)
         share = 1.0 / max(1, math.ceil(num_workers / max(1, len(node_cpus))))
     threads = actor_decode_threads(runtime.decode_threads, device=device, reserved_cpus=options["num_cpus"])
@@ -205,22 +203,24 @@ def fit_to_cluster(requested: int, options: Mapping[str, Any], nodes: Sequence[M
     return capacity
 
 
-def cpu_actors(node_cpus: List[float], *, torch_threads: int, decode_threads: Union[int, str]) -> int:
-    """CPU actors for a cluster: on each node, one per (torch threads + decode threads) CPUs, rounded up.
+def cpu_actors(node_cpus: List[float], *, torch_threads: int) -> int:
+    """CPU actors for a cluster: on each node, one per `torch_threads` CPUs (one per core by default).
 
-    Each actor keeps torch_threads computing and decode_threads decoding; decoding a pair costs about twice
-    its SSIM on one core (measured: 10 vs 4.9 ms for a 512² RGB pair), so with the default 1 + 2 threads
-    every thread of an actor is busy and an actor fills about three cores. Fewer, fuller actors also pay
-    fewer fixed costs (start-up, the kernel's compilation): on 2 cores one actor scored 2,048 pairs with
-    15.4 ms of CPU per pair, two actors (one per core, the earlier rule) with 18.5. `decode_threads` is an
-    integer or "auto" (`actor_decode_threads` on CPU: `CPU_DECODE_THREADS`).
+    Each actor computes on its main thread (plus a pool of `torch_threads` for the tile kernel) and decodes
+    on its own threads, which wait whenever its queue of decoded pairs is full. An actor's compute is held
+    to about one core by the GIL its Python steps share with its decode threads, and a pair's compute costs
+    about as much CPU as its decoding (measured on 512² RGB pairs: 15-16 ms for [ssim, psnr, ms_ssim], 16
+    ms to decode), so a node needs compute threads on every core to keep its cores busy whichever side is
+    behind. Measured with `scripts/bench_job.py` on 2 shared cores (2,048 pairs, all three metrics): one
+    actor (the earlier rule, one per 1 torch + 2 decode threads) reached 0.70-0.74 of the combined bound,
+    using ~1.3 cores, its main thread busy 95% of the time at 2/3 of its alone speed; two actors 0.84-0.86
+    (10% more CPU per pair for the second actor's fixed costs, more than repaid).
 
     Example:
-        >>> cpu_actors([2.0], torch_threads=1, decode_threads=2), cpu_actors([32.0, 32.0], torch_threads=1, decode_threads="auto")
-        (1, 22)
+        >>> cpu_actors([2.0], torch_threads=1), cpu_actors([32.0, 32.0], torch_threads=1), cpu_actors([4.0], torch_threads=2)
+        (2, 64, 2)
     """
-    threads = max(1, torch_threads + actor_decode_threads(decode_threads, device="cpu"))
-    return max(1, sum(math.ceil(cpus / threads) for cpus in node_cpus))
+    return max(1, sum(math.ceil(cpus / max(1, torch_threads)) for cpus in node_cpus))
 
 
 def gpu_actor_cpus(node_cpus: float, node_gpus: float, *, gpus_per_worker: float, cpus_per_worker: float) -> float:
@@ -275,7 +275,7 @@ def actor_decode_threads(setting: Union[int, str], *, device: str, reserved_cpus
 
     An integer is used as given. `auto`: a GPU actor decodes on every CPU it reserved (its main thread
     mostly waits for decoded pairs and the GPU), but never on fewer than `CPU_DECODE_THREADS`; a CPU actor
-    keeps `CPU_DECODE_THREADS` beside its torch thread (the rule `cpu_actors` sizes the actors by).
+    keeps `CPU_DECODE_THREADS` beside its torch thread.
     Threads rather than processes or decode actors: Pillow releases the GIL while it decodes, and pixels
     then need no copy between processes (docs/ARCHITECTURE.md, "Decode capacity", has the measurements).
 

@@ -1,4 +1,4 @@
-"""CPU placement: actors per node from the threads each actor keeps busy, spread over the nodes."""
+"""CPU placement: an actor per core of each node (per cpus_per_worker CPUs), spread over the nodes."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def _cluster(monkeypatch, *node_cpus: float, gpus: float = 0.0) -> None:
 
 @pytest.mark.parametrize(
     ("node_cpus", "actors", "share"),
-    [((2.0,), 1, 1.0), ((4.0,), 2, 0.5), ((32.0, 32.0), 22, 1 / 11), ((1.0, 1.0), 2, 1.0)],
+    [((2.0,), 2, 0.5), ((4.0,), 4, 0.25), ((32.0, 32.0), 64, 1 / 32), ((1.0, 1.0), 2, 1.0), ((3.0,), 3, 1 / 3)],
 )
-def test_cpu_actors_fill_each_node_with_torch_plus_decode_threads(monkeypatch, node_cpus, actors, share):
+def test_cpu_actors_put_a_compute_thread_on_every_core(monkeypatch, node_cpus, actors, share):
     _cluster(monkeypatch, *node_cpus)
-    placement = placing.plan_placement(AuditJobConfig())  # 1 torch thread + 2 decode threads per actor
+    placement = placing.plan_placement(AuditJobConfig())  # 1 torch thread (+ 2 decode threads) per actor
     assert (placement.device, placement.num_workers, placement.torch_threads) == ("cpu", actors, 1)
     assert placement.memory_share == pytest.approx(share)
     assert placement.actor_options == {"num_cpus": 1.0, "scheduling_strategy": "SPREAD"}
@@ -96,16 +96,19 @@ def test_explicit_decode_threads_keep_the_reservation_they_had(monkeypatch):
     assert placement.actor_options == {"num_gpus": 1.0, "num_cpus": 1.0}
     assert placement.decode_threads == 5
     _cluster(monkeypatch, 4.0)
-    cfg.runtime.decode_threads = 1  # CPU: one actor per (1 torch + 1 decode) CPUs
+    cfg.runtime.decode_threads = 1  # CPU: still one actor per core, now with one decode thread each
     placement = placing.plan_placement(cfg)
-    assert (placement.device, placement.num_workers, placement.decode_threads) == ("cpu", 2, 1)
+    assert (placement.device, placement.num_workers, placement.decode_threads) == ("cpu", 4, 1)
+    cfg.runtime.cpus_per_worker = 2.0  # two torch threads and two CPUs reserved per actor: one per 2 cores
+    placement = placing.plan_placement(cfg)
+    assert (placement.num_workers, placement.torch_threads, placement.actor_options["num_cpus"]) == (2, 2, 2.0)
 
 
 def test_cpu_only_cluster_keeps_two_decode_threads_under_auto(monkeypatch):
     _cluster(monkeypatch, 32.0, 32.0)
     placement = placing.plan_placement(AuditJobConfig())
     assert AuditJobConfig().runtime.decode_threads == "auto"
-    assert (placement.num_workers, placement.decode_threads, placement.actor_options["num_cpus"]) == (22, 2, 1.0)
+    assert (placement.num_workers, placement.decode_threads, placement.actor_options["num_cpus"]) == (64, 2, 1.0)
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "many", None])
