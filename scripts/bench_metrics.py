@@ -6,8 +6,8 @@ ssim_ray gets them in their own dtype (uint8 by default, as the job passes decod
 too), the peers float32 copies made outside the timed region. ssim_ray's sets: `[ssim]` is
 `ssim(per_channel=True)`; `+ psnr` adds `mse(per_channel=True)` (the job forms PSNR from it); `+ ms_ssim`
 replaces `ssim` by `ms_ssim_terms_and_ssim` (SSIM's full-resolution pass is MS-SSIM's first scale). All run
-in one process with torch threads fixed, taking turns call by call (medians of `--repeats` rounds), the
-compiled CPU kernel warm. Prints the CPU model and its vector ISA (what inductor's C++ code targets).
+in one process with torch threads fixed, taking turns call by call (medians of `--repeats` rounds; what a
+metric adds is the median over rounds of each round's own difference), the compiled CPU kernel warm. Prints the CPU model and its vector ISA (what inductor's C++ code targets).
 
 Usage:
     python scripts/bench_metrics.py                         # 16x3x256^2 uint8 and float32, 2 threads
@@ -79,7 +79,14 @@ def table(batch: int, side: int, dtype: str, times: dict) -> str:
     for what, (more, less) in added.items():
         wall = (med[more]["wall"] - med[less]["wall"]) / base["wall"]
         cpu = (med[more]["cpu"] - med[less]["cpu"]) / base["cpu"]
-        lines.append(f"\nAdding {what}: +{100 * wall:.0f}% of [ssim]'s wall time (+{100 * cpu:.0f}% of its CPU time), medians.")
+        # Each round ran every contender once, back to back: a round's own difference compares like with like
+        # when the shared machine's load drifts between rounds (the medians' difference mixes rounds).
+        rounds = {k: statistics.median((m - l) / b for m, l, b in zip(times[more][k], times[less][k],
+                                                                      times["ssim_ray [ssim]"][k]))
+                  for k in ("wall", "cpu")}
+        lines.append(f"\nAdding {what}: {100 * rounds['wall']:+.0f}% of [ssim]'s wall time ({100 * rounds['cpu']:+.0f}% of "
+                     f"its CPU time), median of the rounds' own differences; from the medians {100 * wall:+.0f}% "
+                     f"({100 * cpu:+.0f}%).")
     ratio = {k: med["pytorch-msssim ssim"][k] / base[k] for k in ("wall", "cpu")}
     lines.append(f"ssim_ray [ssim] vs pytorch-msssim ssim: {ratio['wall']:.1f}x (wall), {ratio['cpu']:.1f}x (CPU).")
     per_round = [p / s for p, s in zip(times["pytorch-msssim ssim"]["wall"], times["ssim_ray [ssim]"]["wall"])]
