@@ -6,8 +6,9 @@ Runs the built-in sample audit and a Parquet audit (a manifest written from the 
 column and relative paths) once with the baseline revision (checked out into a git worktree and run with
 PYTHONPATH pointing at it, so its Ray workers import it too) and once with this tree, each in its own
 process on a fresh local Ray, and compares the two `ssim.parquet` files of each pair of runs: row order
-(pair_id), statuses, errors, and the exact bits of `ssim` and `ssim_per_channel`. Prints a table and exits 1 on
-any difference. The `decoder` and `shard_id` columns are compared too (same plan, same decoder).
+(pair_id), statuses, errors, and the exact bits of `ssim` and `ssim_per_channel`, and of `psnr`, `ms_ssim` and
+their per-channel lists (the Parquet audit runs all three metrics) where both runs wrote them. Prints a table
+and exits 1 on any difference. The `decoder` and `shard_id` columns are compared too (same plan, same decoder).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPARED = ("pair_id", "status", "error", "ssim", "ssim_per_channel", "height", "width", "channels", "data_range",
-            "bit_depth", "decoder", "shard_id")
+            "bit_depth", "decoder", "shard_id", "psnr", "psnr_per_channel", "ms_ssim", "ms_ssim_per_channel",
+            "ms_ssim_undefined")
+SCORES = ("ssim", "ssim_per_channel", "psnr", "psnr_per_channel", "ms_ssim", "ms_ssim_per_channel")
 
 
 def _run_audit(code_root: pathlib.Path, out: pathlib.Path, overrides: List[str]) -> None:
@@ -66,8 +69,10 @@ def _differences(old: pa.Table, new: pa.Table) -> Dict[str, int]:
         return {"rows": abs(old.num_rows - new.num_rows)}
     found: Dict[str, int] = {}
     for column in COMPARED:
+        if column not in old.column_names or column not in new.column_names:
+            continue  # a metric neither run (or only one) wrote: shown as "-"
         a, b = old[column].to_pylist(), new[column].to_pylist()
-        if column in ("ssim", "ssim_per_channel"):
+        if column in SCORES:
             a, b = [_bits(v) for v in a], [_bits(v) for v in b]
         found[column] = sum(1 for x, y in zip(a, b) if x != y)
     return found
@@ -85,7 +90,7 @@ def main() -> int:
                        check=True, capture_output=True)
     manifest = _sample_manifest(work / "parquet-set")
     cases = {"sample": [], "parquet": ["source=parquet", f"source.url={manifest}", "source.pairs_per_shard=40",
-                                       "summary.group_by=batch_note"]}
+                                       "summary.group_by=batch_note", "metrics=[ssim,psnr,ms_ssim]"]}
     failed = False
     print(f"| case | rows | {' | '.join(COMPARED)} |")
     print("|---|---:|" + "---:|" * len(COMPARED))
