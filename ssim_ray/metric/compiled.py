@@ -44,7 +44,6 @@ COMPILE_OPTIONS = {"cpp.threads": 1, "cpp_wrapper": True}
 _kernels: dict = {}
 _kernel_lock = threading.Lock()
 _pools: dict = {}
-_padded_extents: dict = {}  # (id(rows), id(cols), pad) -> (rows, cols, padded rows, padded cols)
 _thread_buffers = threading.local()  # each pool thread's chunk buffers, reused call after call
 
 
@@ -139,7 +138,8 @@ class _CompiledTiles:
             out = eager_tile_sums(tiles, rows, cols, consts, self.taps, self.variant)
             self.eager_seconds += time.perf_counter() - start
             return out
-        rows, cols = _padded(rows, cols, -tiles.count % self.per_call)  # the last call's empty tiles, masked out
+        pad = -tiles.count % self.per_call  # the last call's empty tiles: extents 0, masked out
+        rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
         try:
             return join_sums(self.compiled_sums(tiles, rows, cols, consts), tiles.count)
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
@@ -147,22 +147,6 @@ class _CompiledTiles:
             self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
             return self.sums(tiles, rows, cols, consts, policy=policy)
-
-
-def _padded(rows: torch.Tensor, cols: torch.Tensor, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """rows and cols with `pad` zero extents appended; kept for the shared extents of `tiles.tile_extents`
-    (the same tensors call after call), so that a batch's coarse scales do not pad them again and again."""
-    key = (id(rows), id(cols), pad)
-    with _kernel_lock:
-        kept = _padded_extents.get(key)
-    if kept is not None and kept[0] is rows and kept[1] is cols:
-        return kept[2], kept[3]
-    padded = tuple(torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
-    with _kernel_lock:
-        if len(_padded_extents) >= 64:
-            _padded_extents.clear()
-        _padded_extents[key] = (rows, cols) + padded  # holding rows and cols keeps their ids from being reused
-    return padded
 
 
 def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:

@@ -42,7 +42,7 @@ from ssim_ray.metric.checks import (
 )
 from ssim_ray.metric.kernel_choice import tile_means
 from ssim_ray.metric.structural import mean_over_channels
-from ssim_ray.metric.tiles import TileVariant
+from ssim_ray.metric.tiles import WANG, TileVariant
 from ssim_ray.metric.plane_passes import halve_pair
 from ssim_ray.metric.window import crop_borders, gaussian_window_1d
 
@@ -51,7 +51,6 @@ TOO_SMALL = "too_small"
 NONPOSITIVE_TERM = "nonpositive_term"
 _WITH_CS = TileVariant(with_cs=True)
 _CS_ONLY = TileVariant(cs_only=True)
-_WANG = TileVariant()
 
 
 class MSSSIMUndefinedError(ValueError):
@@ -123,7 +122,7 @@ def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels:
     for level in range(levels):
         # Scale 1 sums SSIM and cs (SSIM is also the caller's), the middle scales cs alone, the last SSIM
         # alone: each map with the bits it has in the with-cs kernel (the same subexpressions).
-        variant = _WITH_CS if level == 0 else _WANG if level == levels - 1 else _CS_ONLY
+        variant = _WITH_CS if level == 0 else WANG if level == levels - 1 else _CS_ONLY
         means, _ = tile_means(x, y, policy=policy, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype,
                               variant=variant)
         if level == 0:
