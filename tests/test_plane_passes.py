@@ -54,6 +54,34 @@ def test_halve_is_wang_downsample_bitwise(height: int, width: int, threads: int)
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("height, width", [(96, 64), (64, 36), (4, 8), (2, 4), (64, 34)])
+def test_integer_halving_by_words_is_wang_downsample_bitwise(height: int, width: int, policy: str,
+                                                             threads: int) -> None:
+    """uint8 planes of whole 4-pixel words and uint16 planes of whole 2-pixel words (even heights) go through
+    the compiled integer pass under 'always' (64 x 34 and 2 x 4 only for uint16 / eagerly): the same bits as
+    the definition, for views, planes that start mid-word, and the largest sums."""
+    x, _ = photos(max(height, 16), max(width, 16), top=17, left=29)
+    x = x[..., :height, :width]
+    flat = torch.cat([torch.zeros(3, dtype=torch.uint8), x.flatten()])[3:].view(x.shape)  # starts mid-word
+    white = torch.full((2, 3, height, width), 255, dtype=torch.uint8)
+    cases = [x, flat, white, x.to(torch.int32).mul(257).to(torch.uint16), white.to(torch.int32).mul(257).to(torch.uint16),
+             (x.to(torch.int32) * 251 + 3).to(torch.uint16)[:, :, :, :]]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for images in cases:
+            for dtype in (torch.float32, torch.float64):
+                want = wang_downsample(images.to(dtype), 2)
+                got, other = halve_pair(images, images.flip(0), dtype, policy=policy)
+                assert got.dtype == dtype and torch.equal(got, want), (images.dtype, dtype, policy)
+                assert torch.equal(other, want.flip(0)), (images.dtype, dtype, policy)
+                assert torch.equal(halve(images, dtype, policy=policy), want), (images.dtype, dtype, policy)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_halve_of_a_batch_large_enough_for_the_pool_is_each_planes_own() -> None:
     """Big enough to be split among two threads: every plane's halving is the one it gets alone."""
     x, y = photos(256, 200)

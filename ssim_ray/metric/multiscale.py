@@ -129,7 +129,7 @@ def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels:
             full_ssim = means[..., 0]
         terms.append(means[..., 0] if level == levels - 1 else means[..., -1])
         if level < levels - 1:
-            x, y = halve_pair(x, y, dtype)
+            x, y = halve_pair(x, y, dtype, policy=policy)
     return torch.stack(terms, dim=-1), full_ssim
 
 

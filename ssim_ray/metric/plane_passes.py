@@ -16,7 +16,12 @@ Both give the bits of their definitions, however they are computed:
   odd side's last row/column averaged with itself) - in the compute dtype, converting the pixels on the way
   (no float copy of the image first). On CPU it is three numpy ufunc calls on strided views (which release
   the GIL, so the pool's threads share the planes): inductor leaves stride-2 loads scalar, and its
-  dynamic-shape guards cost ~0.2 ms a call, more than a coarse scale's whole halving (measured).
+  dynamic-shape guards cost ~0.2 ms a call, more than a coarse scale's whole halving (measured). uint8 and
+  uint16 batches of even height whose rows are whole 32-bit words (4 or 2 pixels), once the caller's compile
+  policy says so, instead go through one compiled integer pass over those words (typed float32, bit-cast to
+  int32, as PSNR's): a block's four pixels add exactly in int32, so any order gives the definition's bits,
+  and each output reads whole words (half the time of numpy's casting adds on 16x3x256^2 uint8, measured).
+  x and y are then halved side by side, one whole call each, on the pool's threads.
 
 State kept here is a cache, not configuration: one runner per (pass, dtypes), with its eager seconds.
 """
@@ -106,10 +111,12 @@ class _PlanePass:
                 self.compiled = torch.compile(kernel, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
             return None if policy == "never" else self.compiled
 
-    def run(self, planes: List[torch.Tensor], *, policy: str, tiny: bool) -> torch.Tensor:
+    def run(self, planes: List[torch.Tensor], *, policy: str, tiny: bool, extra: tuple = (),
+            split: bool = True) -> torch.Tensor:
         """The pass over (P, ...) planes (several same-shape tensors), its outputs concatenated along P.
 
-        `tiny`: the caller's sizes that the compiled kernel would specialise on (a side of 1).
+        `tiny`: the caller's sizes that the compiled kernel would specialise on (a side of 1). `extra`:
+        arguments after the planes that are the same for every call of this runner (a dtype).
         """
         count = planes[0].shape[0]
         compiled = None
@@ -117,31 +124,31 @@ class _PlanePass:
             compiled = self._compiled_for(policy)
         if compiled is None:
             start = time.perf_counter()
-            out = self.eager(*planes)
+            out = self.eager(*planes, *extra)
             self.eager_seconds += time.perf_counter() - start
             return out
         # Contiguous, and not views (dynamo guards on a view's base too), so that only sizes are guarded.
         planes = [p.contiguous().detach() for p in planes]  # (the callers' tensors are contiguous: no copy)
         # One call per thread (each call's guards cost tens of microseconds), every call two planes or more.
-        calls = max(1, min(torch.get_num_threads(), count // 2))
+        calls = max(1, min(torch.get_num_threads(), count // 2)) if split else 1
         try:
             if calls == 1:
-                return _call(compiled, planes)
+                return _call(compiled, planes, extra)
             chunks = zip(*(torch.tensor_split(p, calls) for p in planes))
-            parts = list(_pool(calls).map(lambda chunk: _call(compiled, [c.detach() for c in chunk]), chunks))
+            parts = list(_pool(calls).map(lambda chunk: _call(compiled, [c.detach() for c in chunk], extra), chunks))
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             with _lock:
                 self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"ssim_ray: compiled {self.name} pass failed, using the eager one (same bits): {self.failed}")
-            return self.run(planes, policy=policy, tiny=tiny)
+            return self.run(planes, policy=policy, tiny=tiny, extra=extra)
         return torch.cat(parts)
 
 
-def _call(compiled: Callable, planes: List[torch.Tensor]) -> torch.Tensor:
+def _call(compiled: Callable, planes: List[torch.Tensor], extra: tuple = ()) -> torch.Tensor:
     # No duck sizing: equal sizes (square planes, as many planes as rows) would otherwise be guarded as one
     # symbol, and the next unequal pair recompiled.
     with torch.fx.experimental._config.patch(use_duck_shape=False):
-        return compiled(*planes)
+        return compiled(*planes, *extra)
 
 
 def _runner(name: str, key: tuple, eager: Callable, fused: Callable) -> _PlanePass:
@@ -219,29 +226,101 @@ def _halve_numpy(planes: np.ndarray, out: np.ndarray) -> None:
     np.divide(out, out.dtype.type(4), out=out)
 
 
-def halve_pair(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def _byte_words_halve_eager(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, H, W / 4) words of four uint8 pixels (typed float32) -> (P, H / 2, W / 2) halving, by numpy."""
+    planes = words.view(torch.uint8).numpy()
+    out = torch.empty((planes.shape[0], planes.shape[1] // 2, planes.shape[2] // 2), dtype=dtype)
+    _halve_numpy(planes, out.numpy())
+    return out
+
+
+def _byte_words_halve_fused(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The same from the words bit-cast to int32: a row pair's two words masked into 16-bit lanes (bytes 0
+    and 2, then 1 and 3) and added, so that each lane holds one 2x2 block's sum (at most 1020); the two
+    lanes are the word's two outputs. Integer sums are exact, so this is the definition's value."""
+    count, height, quarter = words.shape
+    pairs = words.view(torch.int32).reshape(count, height // 2, 2, quarter)
+    top, bottom = pairs[:, :, 0], pairs[:, :, 1]
+    lanes = 0x00FF00FF
+    sums = (top & lanes) + ((top >> 8) & lanes) + (bottom & lanes) + ((bottom >> 8) & lanes)
+    halves = torch.stack(((sums & 0xFFFF).to(dtype), (sums >> 16).to(dtype)), dim=-1)
+    return halves.reshape(count, height // 2, 2 * quarter) / 4.0
+
+
+def _short_words_halve_eager(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, H, W / 2) words of two uint16 pixels (typed float32) -> (P, H / 2, W / 2) halving, by numpy."""
+    planes = words.view(torch.uint16).numpy()
+    out = torch.empty((planes.shape[0], planes.shape[1] // 2, planes.shape[2] // 2), dtype=dtype)
+    _halve_numpy(planes, out.numpy())
+    return out
+
+
+def _short_words_halve_fused(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The same from the words bit-cast to int32: each word is one 2x2 block's row half, its two 16-bit
+    pixels unpacked by shift and mask and the block's four added in int32 (at most 4 * 65535): exact."""
+    count, height, half = words.shape
+    pairs = words.view(torch.int32).reshape(count, height // 2, 2, half)
+    top, bottom = pairs[:, :, 0], pairs[:, :, 1]
+    sums = (top & 0xFFFF) + ((top >> 16) & 0xFFFF) + (bottom & 0xFFFF) + ((bottom >> 16) & 0xFFFF)
+    return sums.to(dtype) / 4.0
+
+
+def _halve_integer_words(images: torch.Tensor, dtype: torch.dtype, policy: str) -> Optional[torch.Tensor]:
+    """The halving of a uint8/uint16 CPU batch by the compiled word pass, or None where it does not apply
+    (another dtype or device, an odd height, rows that are not whole words, or the policy says not yet)."""
+    count, channels, height, width = images.shape
+    per_word = {torch.uint8: 4, torch.uint16: 2}.get(images.dtype)
+    if (per_word is None or images.device.type != "cpu" or height % 2 or width % per_word
+            or dtype not in (torch.float32, torch.float64) or count * channels < 2 or policy == "never"):
+        return None
+    planes = images.reshape(count * channels, height, width).contiguous()
+    if planes.storage_offset() % per_word:
+        planes = planes.clone()
+    words = planes.view(torch.float32)
+    if per_word == 4:
+        runner = _runner("byte_words_halve", (dtype,), _byte_words_halve_eager, _byte_words_halve_fused)
+    else:
+        runner = _runner("short_words_halve", (dtype,), _short_words_halve_eager, _short_words_halve_fused)
+    out = runner.run([words], policy=policy, tiny=height < 4 or width < 2 * per_word, extra=(dtype,), split=False)
+    return out.reshape(count, channels, height // 2, width // 2)
+
+
+def halve_pair(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, *,
+               policy: str = "never") -> Tuple[torch.Tensor, torch.Tensor]:
     """`halve(x, dtype)` and `halve(y, dtype)`, their planes shared among the pool's threads in one go."""
-    out = _halve_all([x, y], dtype)
+    out = _halve_all([x, y], dtype, policy)
     return out[0], out[1]
 
 
-def halve(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def halve(images: torch.Tensor, dtype: torch.dtype, *, policy: str = "never") -> torch.Tensor:
     """`wang_downsample(images.to(dtype), 2)` of an (N, C, H, W) batch, to the bit, converting on the way.
+
+    `policy` is the caller's compile policy: uint8/uint16 batches of even height and whole-word rows go
+    through a compiled integer pass once it says so (the same bits: their sums are exact).
 
     Example:
         >>> halve(torch.arange(9, dtype=torch.uint8).reshape(1, 1, 3, 3), torch.float32)[0, 0]
         tensor([[2.0000, 3.5000],
                 [6.5000, 8.0000]])
     """
-    return _halve_all([images], dtype)[0]
+    return _halve_all([images], dtype, policy)[0]
 
 
-def _halve_all(batches: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+def _halve_all(batches: Sequence[torch.Tensor], dtype: torch.dtype, policy: str) -> List[torch.Tensor]:
+    if len(batches) > 1 and torch.get_num_threads() > 1:  # x and y side by side, each one whole call
+        words = list(_pool(torch.get_num_threads()).map(lambda b: _halve_integer_words(b, dtype, policy), batches))
+    else:
+        words = [_halve_integer_words(images, dtype, policy) for images in batches]
+    if all(w is not None for w in words):
+        return words
     threads = torch.get_num_threads()
-    if sum(b.numel() for b in batches) < _SERIAL_HALVE_ELEMENTS:
+    if sum(b.numel() for b, w in zip(batches, words) if w is None) < _SERIAL_HALVE_ELEMENTS:
         threads = 1
     outputs, work = [], []
-    for images in batches:
+    for images, done in zip(batches, words):
+        if done is not None:
+            outputs.append(done)
+            continue
         count, channels, height, width = images.shape
         planes = images.reshape(count * channels, height, width)
         if images.device.type != "cpu" or images.dtype not in _NUMPY_HALVE or planes.shape[0] == 0:
