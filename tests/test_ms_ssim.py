@@ -227,3 +227,40 @@ def test_terms_and_ssim_from_one_pass_equal_ssim_and_terms_bitwise(dtype: torch.
     assert torch.equal(terms, ms_ssim_terms(x, y, crop_border=2, **options))
     one_terms, one_full = ms_ssim_terms_and_ssim(x[1], y[1], **options)  # unbatched: (C, L) and (C,)
     assert one_terms.shape == (3, 5) and torch.equal(one_full, ssim(x[1], y[1], per_channel=True, **options))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_compiled_kernel_that_fails_leaves_its_scales_to_the_eager_kernel(monkeypatch, threads: int) -> None:
+    """All five scales' compiled calls share one queue: when one kernel's calls fail (here the middle scales'
+    cs-only kernels, as a missing C++ compiler would), those scales are recomputed eagerly, said once per
+    kernel, and the other scales keep their compiled results: every term has the eager bits."""
+    from ssim_ray.metric import compiled
+
+    made = [photo_pair("coffee", 192, 200, kind, level, seed=i) for i, (kind, level) in enumerate([("jpeg", 25), ("sr", 3)])]
+    x = torch.from_numpy(np.stack([chw(a) for a, _ in made]))
+    y = torch.from_numpy(np.stack([chw(b) for _, b in made]))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want = ms_ssim_terms_and_ssim(x, y, compile="never")
+        ms_ssim_terms_and_ssim(x, y, compile="always")  # every kernel of these shapes compiled and run
+        for runner in list(compiled._kernels.values()):  # restored afterwards: later tests get them compiled
+            monkeypatch.setattr(runner, "compiled", runner.compiled)
+            monkeypatch.setattr(runner, "failed", runner.failed)
+        real_call = compiled._CompiledTiles.call
+
+        def call(self, chunk, consts):
+            if self.variant.cs_only:
+                raise torch._dynamo.exc.TorchDynamoException("no C++ compiler here")
+            return real_call(self, chunk, consts)
+
+        monkeypatch.setattr(compiled._CompiledTiles, "call", call)
+        with pytest.warns(UserWarning, match="compiled SSIM kernel failed.*no C[+][+] compiler here") as caught:
+            got = ms_ssim_terms_and_ssim(x, y, compile="always")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    failed = [r for r in compiled._kernels.values() if r.failed]
+    assert failed and all(r.variant.cs_only and r.compiled is None for r in failed)
+    assert len([w for w in caught if "compiled SSIM kernel failed" in str(w.message)]) == len(failed)
+    assert any(r.compiled is not None and not r.variant.cs_only for r in compiled._kernels.values())

@@ -11,7 +11,8 @@ the eager kernel.
 The compiled kernel is single-threaded (no OpenMP) and torch.get_num_threads() Python threads take chunks
 of tiles from a queue: OpenMP's barriers, several per chunk, made the kernel 5x slower with two threads
 than with one whenever another process held a core (measured on a shared 2-core machine), while a queue
-of independent chunks only loses the share of the busy core.
+of independent chunks only loses the share of the busy core. Several batches can share one queue
+(`torch_tile_sums_of`: MS-SSIM's scales), so that no thread idles at one batch's end while another has work.
 
 State kept here is a cache, not configuration: one runner per (dtype, window, tile variant) per process,
 holding its compiled kernel and its eager seconds, and one thread pool per thread count.
@@ -23,7 +24,8 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -110,43 +112,85 @@ class _CompiledTiles:
         end = start + self.per_call
         return self.call((s, d, rows[start:end], cols[start:end]), consts)
 
-    def compiled_sums(self, tiles: PairTiles, rows, cols, consts: torch.Tensor) -> List[torch.Tensor]:
-        threads = torch.get_num_threads()
-        starts = list(range(0, tiles.count, self.per_call))
-        first = []
-        if threads not in self.ready_for_threads:
-            # torch.compile guards on the thread count: (re)compile here, one at a time.
-            with _kernel_lock:
-                first = [self.cut_and_call(tiles, rows, cols, starts[0], consts)]
-                self.ready_for_threads.add(threads)
-        rest = starts[len(first):]
-        if threads == 1 or len(rest) == 1:  # on this thread: a hand-over to the pool costs ~0.1 ms a call here
-            return first + [self.cut_and_call(tiles, rows, cols, start, consts) for start in rest]
-        return first + list(_pool(threads).map(lambda start: self.cut_and_call(tiles, rows, cols, start, consts), rest))
-
     def uses_compiled(self, policy: str) -> bool:
         """Whether a call under `policy` runs the compiled kernel, as things stand."""
         return self.compiled is not None and policy != "never"
 
-    def sums(self, tiles: PairTiles, rows, cols, consts, *, policy: str) -> torch.Tensor:
-        """Tile sums: eager until compiling pays (per `policy`), compiled afterwards (same bits)."""
+    def decide(self, policy: str) -> bool:
+        """Compile if `policy` says it is time; whether this call runs compiled."""
         with _kernel_lock:
             if self.wants_compile(policy):
                 self.compile()
-        if not self.uses_compiled(policy):
-            start = time.perf_counter()
-            out = eager_tile_sums(tiles, rows, cols, consts, self.taps, self.variant)
-            self.eager_seconds += time.perf_counter() - start
-            return out
-        pad = -tiles.count % self.per_call  # the last call's empty tiles: extents 0, masked out
-        rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (rows, cols))
-        try:
-            return join_sums(self.compiled_sums(tiles, rows, cols, consts), tiles.count)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
-            # e.g. no C++ compiler on this machine: said once, then the eager kernel (same bits)
+        return self.uses_compiled(policy)
+
+    def eager_sums(self, batch: "TileBatch") -> torch.Tensor:
+        """The eager kernel's sums (same bits), its time counted towards 'auto' compiling."""
+        start = time.perf_counter()
+        out = eager_tile_sums(batch.tiles, batch.rows, batch.cols, batch.consts, self.taps, self.variant)
+        self.eager_seconds += time.perf_counter() - start
+        return out
+
+    def fail(self, exc: BaseException) -> None:
+        """A compiled call failed (e.g. no C++ compiler here): said once, then the eager kernel (same bits)."""
+        with _kernel_lock:
+            if self.compiled is None:
+                return
             self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
-            warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
-            return self.sums(tiles, rows, cols, consts, policy=policy)
+        warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
+
+
+@dataclass(eq=False)
+class TileBatch:
+    """One same-shape pair batch's tiles to sum by the torch path: the tiles and their extents
+    (`ssim_ray.metric.tiles.pair_tiles`, `tile_extents`), C1, C2 (and N / (N - 1) for sample covariance) in
+    the compute dtype, the window's taps in it (`tiles.taps_in`) and what the tiles compute besides Wang's
+    SSIM (`tiles.TileVariant`)."""
+
+    tiles: PairTiles
+    rows: torch.Tensor
+    cols: torch.Tensor
+    consts: torch.Tensor
+    taps: List[float]
+    variant: TileVariant = WANG
+
+
+@dataclass(eq=False)
+class _Call:
+    """One compiled call: `per_call` tiles of a batch from `start`, on padded extents."""
+
+    runner: _CompiledTiles
+    batch: TileBatch
+    rows: torch.Tensor
+    cols: torch.Tensor
+    start: int
+
+    def run(self) -> Union[torch.Tensor, BaseException]:
+        try:
+            return self.runner.cut_and_call(self.batch.tiles, self.rows, self.cols, self.start, self.batch.consts)
+        except Exception as exc:  # torch._dynamo is imported by then (not at this module's import: ~1.4 s)
+            if isinstance(exc, (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)):
+                return exc
+            raise
+
+
+def _run_calls(calls: List[_Call]) -> List[Union[torch.Tensor, BaseException]]:
+    """Every call's sums, in order: the first call of each kernel not yet run at this thread count on this
+    thread, one at a time (torch.compile guards on the thread count and recompiles there), the rest from one
+    queue that the pool's threads share (one kernel's calls after another's: no thread waits at a batch's
+    end while there is work of the next)."""
+    threads = torch.get_num_threads()
+    results: dict = {}
+    for index, call in enumerate(calls):
+        if threads not in call.runner.ready_for_threads:
+            with _kernel_lock:
+                results[index] = call.run()
+                call.runner.ready_for_threads.add(threads)
+    rest = [index for index in range(len(calls)) if index not in results]
+    if threads == 1 or len(rest) == 1:  # on this thread: a hand-over to the pool costs ~0.1 ms a call here
+        results.update((index, calls[index].run()) for index in rest)
+    else:
+        results.update(zip(rest, _pool(threads).map(lambda index: calls[index].run(), rest)))
+    return [results[index] for index in range(len(calls))]
 
 
 def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:
@@ -157,26 +201,47 @@ def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: T
         return _kernels[key]
 
 
-def torch_tile_sums(tiles: PairTiles, rows, cols, consts: torch.Tensor, taps: List[float], *,
-                    policy: str, variant: TileVariant = WANG) -> torch.Tensor:
-    """(K,) float64 tile sums by the torch path ((K, 2) with `variant.with_cs`): on CPU the runner of
-    (dtype, window, variant) under `policy`.
+def torch_tile_sums_of(batches: Sequence[TileBatch], *, policy: str) -> List[torch.Tensor]:
+    """Each batch's (K,) float64 tile sums by the torch path ((K, 2) with `variant.with_cs`): on CPU the
+    runner of (dtype, window, variant, tile shape) under `policy`, the compiled calls of all the batches
+    sharing one queue of the pool (MS-SSIM's five scales: one batch each).
 
     Args:
-        tiles, rows, cols: A pair batch's tiles and their extents (`ssim_ray.metric.tiles.pair_tiles`,
-            `tile_extents`).
-        consts: C1, C2 (and N / (N - 1) for sample covariance) in the compute dtype.
-        taps: The window's taps in the compute dtype (`tiles.taps_in`).
+        batches: The pair batches (`TileBatch`), any mix of shapes and variants.
         policy: 'auto', 'always' or 'never' (checked by the caller); only CPU tensors compile.
-        variant: What the tiles compute besides Wang's SSIM (`tiles.TileVariant`).
 
     Returns:
-        The float64 sum of each tile's valid map (maps).
+        Per batch, the float64 sum of each tile's valid map (maps): the same bits as that batch alone.
     """
-    if tiles.x.device.type != "cpu":
-        return eager_tile_sums(tiles, rows, cols, consts, taps, variant)
-    return _runner(consts.dtype, taps, variant, (tiles.grid.rows, tiles.grid.cols)).sums(tiles, rows, cols, consts,
-                                                                                     policy=policy)
+    sums: List[Optional[torch.Tensor]] = [None] * len(batches)
+    calls: List[_Call] = []
+    for index, batch in enumerate(batches):
+        if batch.tiles.x.device.type != "cpu":
+            sums[index] = eager_tile_sums(batch.tiles, batch.rows, batch.cols, batch.consts, batch.taps, batch.variant)
+            continue
+        grid = batch.tiles.grid
+        runner = _runner(batch.consts.dtype, batch.taps, batch.variant, (grid.rows, grid.cols))
+        if not runner.decide(policy):
+            sums[index] = runner.eager_sums(batch)
+            continue
+        pad = -batch.tiles.count % runner.per_call  # the last call's empty tiles: extents 0, masked out
+        rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (batch.rows, batch.cols))
+        calls += [_Call(runner, batch, rows, cols, start) for start in range(0, batch.tiles.count, runner.per_call)]
+    parts: dict = {}
+    for call, result in zip(calls, _run_calls(calls)):
+        parts.setdefault(id(call.batch), []).append(result)
+    for index, batch in enumerate(batches):
+        if sums[index] is not None:
+            continue
+        results = parts[id(batch)]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is None:
+            sums[index] = join_sums(results, batch.tiles.count)
+            continue
+        runner = _runner(batch.consts.dtype, batch.taps, batch.variant, (batch.tiles.grid.rows, batch.tiles.grid.cols))
+        runner.fail(failed)
+        sums[index] = runner.eager_sums(batch)
+    return sums
 
 
 def compiled_in_use(dtype: torch.dtype, taps: List[float], *, policy: str, variant: TileVariant = WANG) -> bool:

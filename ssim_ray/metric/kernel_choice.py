@@ -15,7 +15,7 @@ The choice is an argument of every call; nothing here reads or writes the enviro
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ from ssim_ray.metric.checks import (
     check_window,
     dtype_names,
 )
-from ssim_ray.metric.compiled import compiled_in_use, torch_tile_sums
+from ssim_ray.metric.compiled import TileBatch, compiled_in_use, torch_tile_sums_of
 from ssim_ray.metric.tiles import (
     TileVariant,
     eager_tile_maps,
@@ -169,9 +169,41 @@ def tile_means(
     Each mean is an image's own tile sums added in an order fixed by its size, then divided by the size of
     its valid map: the same bits in any batch.
     """
+    if not return_map:
+        return tile_means_of([(x, y, variant)], policy=policy, data_range=data_range, window=window, k1=k1, k2=k2,
+                             dtype=dtype)[0], None
+    batch = _tile_batch(x, y, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype, variant=variant)
+    # diagnostic path: eager, same ops, so the same bits as the compiled sums
+    sums, tile_maps = eager_tile_maps(batch.tiles, batch.rows, batch.cols, batch.consts, batch.taps, variant)
     count, channels, height, width = x.shape
     win = window.numel()
-    taps = taps_in(window, dtype)
+    ssim_map = stitch(tile_maps, count * channels, batch.tiles.grid).reshape(count, channels, height - win + 1, -1)
+    return _means(sums, batch, x.shape, win), ssim_map
+
+
+def tile_means_of(
+    batches: Sequence[Tuple[torch.Tensor, torch.Tensor, TileVariant]],
+    *,
+    policy: str,
+    data_range: float,
+    window: torch.Tensor,
+    k1: float,
+    k2: float,
+    dtype: torch.dtype,
+) -> List[torch.Tensor]:
+    """`tile_means` (without maps) of several (x, y, variant) batches at once - MS-SSIM's scales - their
+    compiled calls sharing one queue of the pool (`compiled.torch_tile_sums_of`): the same bits as one by one."""
+    planned = [_tile_batch(x, y, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype, variant=variant)
+               for x, y, variant in batches]
+    sums = torch_tile_sums_of(planned, policy=policy)
+    return [_means(part, batch, x.shape, window.numel()) for part, batch, (x, _, _) in zip(sums, planned, batches)]
+
+
+def _tile_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, window: torch.Tensor, k1: float, k2: float,
+                dtype: torch.dtype, variant: TileVariant) -> TileBatch:
+    """The tiles of a (N, C, H, W) pair batch, their extents and constants, ready to sum."""
+    count, channels, height, width = x.shape
+    win = window.numel()
     values = [(k1 * data_range) ** 2, (k2 * data_range) ** 2]
     if variant.sample_covariance:  # scikit-image's N / (N - 1) with N the window's pixel count, Gaussian or not
         values.append(win * win / (win * win - 1.0))
@@ -180,16 +212,18 @@ def tile_means(
     grid = tile_grid(height, width, win)
     tiles = pair_tiles(x.reshape(planes, height, width), y.reshape(planes, height, width), grid, dtype)
     rows, cols = tile_extents(planes, grid, x.device)
-    if return_map:  # diagnostic path: eager, same ops, so the same bits as the compiled sums
-        sums, tile_maps = eager_tile_maps(tiles, rows, cols, consts, taps, variant)
-        ssim_map = stitch(tile_maps, planes, grid).reshape(count, channels, height - win + 1, -1)
-    else:
-        sums, ssim_map = torch_tile_sums(tiles, rows, cols, consts, taps, policy=policy, variant=variant), None
-    sums = plane_sums_in_order(sums, planes, grid).reshape(planes, -1, variant.sums_per_tile)
+    return TileBatch(tiles, rows, cols, consts, taps_in(window, dtype), variant)
+
+
+def _means(sums: torch.Tensor, batch: TileBatch, shape: torch.Size, win: int) -> torch.Tensor:
+    """(N, C, maps) means from a batch's (K, ...) tile sums: each plane's in a fixed order, then / its map size."""
+    count, channels, height, width = shape
+    planes = count * channels
+    sums = plane_sums_in_order(sums, planes, batch.tiles.grid).reshape(planes, -1, batch.variant.sums_per_tile)
     plane_sums = pairwise_sum_last(sums.transpose(1, 2))
     # A tensor divisor: true division on every device (CUDA turns a scalar divisor into a reciprocal).
     count_px = torch.full_like(plane_sums, (height - win + 1) * (width - win + 1))
-    return (plane_sums / count_px).reshape(count, channels, -1), ssim_map
+    return (plane_sums / count_px).reshape(count, channels, -1)
 
 
 def _as_device(device: object) -> torch.device:

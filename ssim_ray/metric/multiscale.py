@@ -40,7 +40,7 @@ from ssim_ray.metric.checks import (
     raise_non_finite,
     resolve_data_range,
 )
-from ssim_ray.metric.kernel_choice import tile_means
+from ssim_ray.metric.kernel_choice import tile_means_of
 from ssim_ray.metric.structural import mean_over_channels
 from ssim_ray.metric.tiles import WANG, TileVariant
 from ssim_ray.metric.plane_passes import halve_pair
@@ -118,18 +118,17 @@ def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels:
     """(n, C, levels) float64 terms of one checked same-shape batch that is large enough, and (n, C) float64
     mean SSIM at scale 1 (`ssim()`'s own per-channel means with the same window and constants)."""
     x, y = crop_borders(x, crop_border), crop_borders(y, crop_border)  # scale 1 reads the pixels as they are
-    terms, full_ssim = [], None
-    for level in range(levels):
-        # Scale 1 sums SSIM and cs (SSIM is also the caller's), the middle scales cs alone, the last SSIM
-        # alone: each map with the bits it has in the with-cs kernel (the same subexpressions).
-        variant = _WITH_CS if level == 0 else WANG if level == levels - 1 else _CS_ONLY
-        means, _ = tile_means(x, y, policy=policy, data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype,
-                              variant=variant)
-        if level == 0:
-            full_ssim = means[..., 0]
-        terms.append(means[..., 0] if level == levels - 1 else means[..., -1])
-        if level < levels - 1:
-            x, y = halve_pair(x, y, dtype, policy=policy)
+    scales = [(x, y)]
+    for _ in range(levels - 1):
+        scales.append(halve_pair(*scales[-1], dtype, policy=policy))
+    # Scale 1 sums SSIM and cs (SSIM is also the caller's), the middle scales cs alone, the last SSIM alone:
+    # each map with the bits it has in the with-cs kernel (the same subexpressions). All the scales' kernel
+    # calls share one queue of the pool: the coarse scales' few calls fill the threads' idle ends.
+    variants = [_WITH_CS] + [_CS_ONLY] * (levels - 2) + [WANG] if levels > 1 else [_WITH_CS]
+    means = tile_means_of([(sx, sy, variant) for (sx, sy), variant in zip(scales, variants)], policy=policy,
+                          data_range=data_range, window=window, k1=k1, k2=k2, dtype=dtype)
+    full_ssim = means[0][..., 0]
+    terms = [m[..., -1] for m in means[:-1]] + [means[-1][..., 0]]
     return torch.stack(terms, dim=-1), full_ssim
 
 
