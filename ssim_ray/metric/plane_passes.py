@@ -28,6 +28,7 @@ State kept here is a cache, not configuration: one runner per (pass, dtypes), wi
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -267,10 +268,11 @@ def _short_words_halve_fused(words: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 def _halve_integer_words(images: torch.Tensor, dtype: torch.dtype, policy: str) -> Optional[torch.Tensor]:
     """The halving of a uint8/uint16 CPU batch by the compiled word pass, or None where it does not apply
-    (another dtype or device, an odd height, rows that are not whole words, or the policy says not yet)."""
+    (another dtype or device, an odd height, rows that are not whole words, or the policy says not yet; a
+    big-endian host, where the words' lanes would be the other way round)."""
     count, channels, height, width = images.shape
     per_word = {torch.uint8: 4, torch.uint16: 2}.get(images.dtype)
-    if (per_word is None or images.device.type != "cpu" or height % 2 or width % per_word
+    if (per_word is None or sys.byteorder != "little" or images.device.type != "cpu" or height % 2 or width % per_word
             or dtype not in (torch.float32, torch.float64) or count * channels < 2 or policy == "never"):
         return None
     planes = images.reshape(count * channels, height, width).contiguous()
