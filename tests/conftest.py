@@ -32,6 +32,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
 
 
+@pytest.fixture(autouse=True)
+def _pillow_pixel_cap_restored():
+    """The decoder sets Pillow's process-wide pixel cap to the configured `max_pixels` on purpose
+    (`ssim_ray.sources.decode`); a test that decodes under a small cap must not leave it to the tests that
+    run after it in the same worker (a 1664x1701 reference photo once failed as a 'decompression bomb')."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = before
+
+
 # ---------------------------------------------------------------------------------------------------------
 # S3 fixtures: a moto server on 127.0.0.1 (no network). Owned by the pair-sources work (issue 3); the job
 # tests use them too.
