@@ -12,6 +12,7 @@ metric adds is the median over rounds of each round's own difference), the compi
 Usage:
     python scripts/bench_metrics.py                         # 16x3x256^2 uint8 and float32, 2 threads
     python scripts/bench_metrics.py --threads 1 --repeats 15
+    python scripts/bench_metrics.py --warm-malloc          # peers without their page faults (see bench_machine)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import statistics
 import time
 
 import torch
-from bench_machine import cpu_model, vector_isa
+from bench_machine import cpu_model, malloc_mode, minor_faults, rerun_with_warm_malloc, vector_isa
 from bench_ssim import make_inputs
 
 from ssim_ray.metric import ms_ssim_terms_and_ssim, mse, ssim
@@ -55,13 +56,14 @@ def time_turns(calls: dict, repeats: int) -> dict:
     for call in calls.values():
         call()
     names = list(calls)
-    times = {name: {"wall": [], "cpu": []} for name in names}
+    times = {name: {"wall": [], "cpu": [], "faults": []} for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            wall, cpu = time.perf_counter(), time.process_time()
+            faults, wall, cpu = minor_faults(), time.perf_counter(), time.process_time()
             calls[name]()
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["faults"].append(minor_faults() - faults)
     return times
 
 
@@ -69,11 +71,12 @@ def table(batch: int, side: int, dtype: str, times: dict) -> str:
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     base = med["ssim_ray [ssim]"]
     lines = [f"\n### {batch} x 3 x {side} x {side}, ssim_ray given {dtype}, peers float32\n",
-             "| contender | pairs/s (median) | ms/pair wall | CPU ms/pair | wall / ssim_ray [ssim] | CPU / ssim_ray [ssim] |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| contender | pairs/s (median) | ms/pair wall | CPU ms/pair | wall / ssim_ray [ssim] | CPU / ssim_ray [ssim] "
+             "| page faults / call |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in med.items():
         lines.append(f"| {name} | {batch / m['wall']:.1f} | {1000 * m['wall'] / batch:.2f} | {1000 * m['cpu'] / batch:.2f} "
-                     f"| {m['wall'] / base['wall']:.2f} | {m['cpu'] / base['cpu']:.2f} |")
+                     f"| {m['wall'] / base['wall']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['faults']:.0f} |")
     added = {"psnr": ("ssim_ray [ssim, psnr]", "ssim_ray [ssim]"), "ms_ssim": ("ssim_ray [ssim, psnr, ms_ssim]",
                                                                               "ssim_ray [ssim, psnr]")}
     for what, (more, less) in added.items():
@@ -102,10 +105,16 @@ def main() -> None:
     parser.add_argument("--dtypes", default="uint8,float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warm-malloc", action="store_true",
+                        help="rerun with glibc keeping freed memory (bench_machine.WARM_MALLOC): peers' temporaries "
+                             "then cost no page faults")
     args = parser.parse_args()
+    if args.warm_malloc:
+        rerun_with_warm_malloc()
     torch.set_num_threads(args.threads)
     print(f"Machine: {cpu_model()} ({vector_isa()}), {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"torch threads {args.threads}, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
+          f"torch threads {args.threads}, {malloc_mode()}, load average "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
     x_np, y_np = make_inputs(args.batch, args.side)
     xf, yf = torch.from_numpy(x_np).float(), torch.from_numpy(y_np).float()
     for dtype in args.dtypes.split(","):

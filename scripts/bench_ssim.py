@@ -20,6 +20,10 @@ outside the timed region; noted in the table).
 Usage:
     python scripts/bench_ssim.py                 # all cases, 2 threads
     python scripts/bench_ssim.py --cold-compile  # also: ssim_ray's first call with an empty compile cache
+    python scripts/bench_ssim.py --warm-malloc   # the peers without their page faults (bench_machine.WARM_MALLOC)
+
+Each table row also gives the median page faults per timed call: a peer whose temporaries are freshly
+mapped pays them in its time (under glibc's defaults it varies from run to run: see bench_machine).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from bench_machine import minor_faults, rerun_with_warm_malloc
 
 CASES = [(16, 256, "float32"), (16, 256, "uint8"), (2, 1024, "float32"), (2, 1024, "uint8")]
 IMPLEMENTATIONS = ["ssim_ray", "ssim_ray eager", "pytorch-msssim", "torchmetrics", "kornia", "skimage"]
@@ -182,15 +187,16 @@ def time_interleaved(batch: int, side: int, dtype: str, threads: int, repeats: i
     runs = {impl: (scorer(impl), *prepare(impl, dtype, x_np, y_np)[1:]) for impl in IMPLEMENTATIONS}
     for score, x, y in runs.values():
         score(x, y)  # warm-up: compiles ssim_ray's kernel (or loads it from the cache)
-    times = {impl: {"wall_s": [], "cpu_s": []} for impl in IMPLEMENTATIONS}
+    times = {impl: {"wall_s": [], "cpu_s": [], "faults": []} for impl in IMPLEMENTATIONS}
     for r in range(repeats):
         order = IMPLEMENTATIONS[r % len(IMPLEMENTATIONS):] + IMPLEMENTATIONS[: r % len(IMPLEMENTATIONS)]
         for impl in order:
             score, x, y = runs[impl]
-            wall, cpu = time.perf_counter(), time.process_time()
+            faults, wall, cpu = minor_faults(), time.perf_counter(), time.process_time()
             score(x, y)
             times[impl]["wall_s"].append(time.perf_counter() - wall)
             times[impl]["cpu_s"].append(time.process_time() - cpu)
+            times[impl]["faults"].append(minor_faults() - faults)
     return times
 
 
@@ -200,8 +206,8 @@ def table(batch: int, side: int, dtype: str, memory: dict, times: dict) -> str:
     ours = batch / statistics.median(times["ssim_ray"]["wall_s"])
     lines = [f"\n### {batch} x 3 x {side} x {side}, {dtype}\n",
              "| implementation | input given | pairs/s (median) | min..max | CPU ms/pair | ssim_ray / this "
-             "| peak RSS growth MiB | max abs delta vs skimage | first call s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS growth MiB | max abs delta vs skimage | first call s | page faults / call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for impl in IMPLEMENTATIONS:
         mem, wall = memory[impl], times[impl]["wall_s"]
         rate = batch / statistics.median(wall)
@@ -209,7 +215,8 @@ def table(batch: int, side: int, dtype: str, memory: dict, times: dict) -> str:
         delta = float(np.abs(np.array(mem["scores"]) - ref).max())
         peak = "n/a" if mem["peak_mb"] is None else f"{mem['peak_mb']:.0f}"
         lines.append(f"| {impl} | {mem['given']} | {rate:.1f} | {batch / max(wall):.1f}..{batch / min(wall):.1f} "
-                     f"| {cpu_ms:.2f} | {ours / rate:.2f}x | {peak} | {delta:.1e} | {mem['first_call_s']:.2f} |")
+                     f"| {cpu_ms:.2f} | {ours / rate:.2f}x | {peak} | {delta:.1e} | {mem['first_call_s']:.2f} "
+                     f"| {statistics.median(times[impl]['faults']):.0f} |")
     return "\n".join(lines)
 
 
@@ -230,10 +237,10 @@ def parse_cases(text: str) -> list[tuple[int, int, str]]:
 def machine() -> str:
     import torch
 
-    from bench_machine import cpu_model, vector_isa
+    from bench_machine import cpu_model, malloc_mode, vector_isa
 
-    return (f"{cpu_model()} ({vector_isa()}), {os.cpu_count()} cores, torch {torch.__version__}, load average "
-            f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
+    return (f"{cpu_model()} ({vector_isa()}), {os.cpu_count()} cores, torch {torch.__version__}, {malloc_mode()}, "
+            f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
 
 
 def main() -> None:
@@ -244,8 +251,13 @@ def main() -> None:
                         help="comma-separated NxSIDE:DTYPE, e.g. 16x256:float32,2x1024:uint8")
     parser.add_argument("--cold-compile", action="store_true",
                         help="first measure ssim_ray's first call with an empty torch.compile cache")
+    parser.add_argument("--warm-malloc", action="store_true",
+                        help="rerun with glibc keeping freed memory (bench_machine.WARM_MALLOC): the peers' "
+                             "temporaries then cost no page faults")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warm_malloc:
+        rerun_with_warm_malloc()
     if args.worker:
         print(json.dumps(measure_memory(Case(**json.loads(args.worker)))))
         return
