@@ -215,12 +215,13 @@ def torch_tile_sums_of(batches: Sequence[TileBatch], *, policy: str) -> List[tor
     """
     sums: List[Optional[torch.Tensor]] = [None] * len(batches)
     calls: List[_Call] = []
+    runners: dict = {}
     for index, batch in enumerate(batches):
         if batch.tiles.x.device.type != "cpu":
             sums[index] = eager_tile_sums(batch.tiles, batch.rows, batch.cols, batch.consts, batch.taps, batch.variant)
             continue
         grid = batch.tiles.grid
-        runner = _runner(batch.consts.dtype, batch.taps, batch.variant, (grid.rows, grid.cols))
+        runner = runners[index] = _runner(batch.consts.dtype, batch.taps, batch.variant, (grid.rows, grid.cols))
         if not runner.decide(policy):
             sums[index] = runner.eager_sums(batch)
             continue
@@ -238,9 +239,8 @@ def torch_tile_sums_of(batches: Sequence[TileBatch], *, policy: str) -> List[tor
         if failed is None:
             sums[index] = join_sums(results, batch.tiles.count)
             continue
-        runner = _runner(batch.consts.dtype, batch.taps, batch.variant, (batch.tiles.grid.rows, batch.tiles.grid.cols))
-        runner.fail(failed)
-        sums[index] = runner.eager_sums(batch)
+        runners[index].fail(failed)
+        sums[index] = runners[index].eager_sums(batch)
     return sums
 
 

@@ -28,6 +28,7 @@ State kept here is a cache, not configuration: one runner per (pass, dtypes), wi
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -227,9 +228,9 @@ def _halve_numpy(planes: np.ndarray, out: np.ndarray) -> None:
     np.divide(out, out.dtype.type(4), out=out)
 
 
-def _byte_words_halve_eager(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(P, H, W / 4) words of four uint8 pixels (typed float32) -> (P, H / 2, W / 2) halving, by numpy."""
-    planes = words.view(torch.uint8).numpy()
+def _words_halve_eager(pixels: torch.dtype, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, H, W / k) words of k `pixels` (uint8 or uint16, typed float32) -> (P, H / 2, W / 2) halving, by numpy."""
+    planes = words.view(pixels).numpy()
     out = torch.empty((planes.shape[0], planes.shape[1] // 2, planes.shape[2] // 2), dtype=dtype)
     _halve_numpy(planes, out.numpy())
     return out
@@ -246,14 +247,6 @@ def _byte_words_halve_fused(words: torch.Tensor, dtype: torch.dtype) -> torch.Te
     sums = (top & lanes) + ((top >> 8) & lanes) + (bottom & lanes) + ((bottom >> 8) & lanes)
     halves = torch.stack(((sums & 0xFFFF).to(dtype), (sums >> 16).to(dtype)), dim=-1)
     return halves.reshape(count, height // 2, 2 * quarter) / 4.0
-
-
-def _short_words_halve_eager(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(P, H, W / 2) words of two uint16 pixels (typed float32) -> (P, H / 2, W / 2) halving, by numpy."""
-    planes = words.view(torch.uint16).numpy()
-    out = torch.empty((planes.shape[0], planes.shape[1] // 2, planes.shape[2] // 2), dtype=dtype)
-    _halve_numpy(planes, out.numpy())
-    return out
 
 
 def _short_words_halve_fused(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -279,10 +272,11 @@ def _halve_integer_words(images: torch.Tensor, dtype: torch.dtype, policy: str) 
     if planes.storage_offset() % per_word:
         planes = planes.clone()
     words = planes.view(torch.float32)
+    eager = functools.partial(_words_halve_eager, images.dtype)
     if per_word == 4:
-        runner = _runner("byte_words_halve", (dtype,), _byte_words_halve_eager, _byte_words_halve_fused)
+        runner = _runner("byte_words_halve", (dtype,), eager, _byte_words_halve_fused)
     else:
-        runner = _runner("short_words_halve", (dtype,), _short_words_halve_eager, _short_words_halve_fused)
+        runner = _runner("short_words_halve", (dtype,), eager, _short_words_halve_fused)
     out = runner.run([words], policy=policy, tiny=height < 4 or width < 2 * per_word, extra=(dtype,), split=False)
     return out.reshape(count, channels, height // 2, width // 2)
 
