@@ -234,7 +234,7 @@ def test_a_compiled_kernel_that_fails_leaves_its_scales_to_the_eager_kernel(monk
     """All five scales' compiled calls share one queue: when one kernel's calls fail (here the middle scales'
     cs-only kernels, as a missing C++ compiler would), those scales are recomputed eagerly, said once per
     kernel, and the other scales keep their compiled results: every term has the eager bits."""
-    from ssim_ray.metric import compiled
+    from ssim_ray.metric import compiled, native
 
     made = [photo_pair("coffee", 192, 200, kind, level, seed=i) for i, (kind, level) in enumerate([("jpeg", 25), ("sr", 3)])]
     x = torch.from_numpy(np.stack([chw(a) for a, _ in made]))
@@ -249,10 +249,10 @@ def test_a_compiled_kernel_that_fails_leaves_its_scales_to_the_eager_kernel(monk
             monkeypatch.setattr(runner, "failed", runner.failed)
         real_call = compiled._CompiledTiles.call
 
-        def call(self, chunk, consts):
+        def call(self, planes, batch, start, count):
             if self.variant.cs_only:
-                raise torch._dynamo.exc.TorchDynamoException("no C++ compiler here")
-            return real_call(self, chunk, consts)
+                raise native.NativeKernelError("no C++ compiler here")
+            return real_call(self, planes, batch, start, count)
 
         monkeypatch.setattr(compiled._CompiledTiles, "call", call)
         with pytest.warns(UserWarning, match="compiled SSIM kernel failed.*no C[+][+] compiler here") as caught:

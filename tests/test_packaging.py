@@ -83,6 +83,12 @@ def test_the_wheel_runs_the_sample_audit_from_any_folder(installed, tmp_path):
     assert summary["status_counts"] == {"ok": summary["pairs"]["merged"]}
     assert (out / "report.html").stat().st_size > 10_000
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()  # Hydra's run folder where we asked for it
+    # The compiled CPU kernel is built from its C source, which the wheel must carry (a missing file would only
+    # warn and fall back to the eager kernel: warnings are errors here).
+    built = _run([str(python), "-W", "error", "-c", "import torch; from ssim_ray import ssim; x = (torch.arange(1600) % 200)"
+                  ".reshape(1, 1, 40, 40).to(torch.uint8); print(ssim(x, x + 1, compile='always').item())"],
+                 cwd=elsewhere, env=clean_env, timeout=600)
+    assert 0.9 < float(built.stdout.strip()) < 1.0
     report = _run([str(installed / "bin" / "ssim-report"), str(out)], cwd=elsewhere, env=clean_env, timeout=600)
     assert "report.html" in report.stdout
     assert not (elsewhere / "outputs").exists() and list(elsewhere.iterdir()) == []

@@ -205,15 +205,3 @@ def test_compiled_and_eager_kernels_give_the_same_bits(dtype: torch.dtype, preci
     for mode in ("never", "always"):  # (other windows: the same code with other taps; each costs a compile)
         results[mode] = ssim(xs, ys, data_range=data_range, per_channel=True, precision=precision, compile=mode)
     assert torch.equal(results["never"], results["always"])
-
-
-def test_each_compiled_kernel_has_its_own_code_object() -> None:
-    """Regression: every (dtype, window) kernel once shared one code object, whose 8 torch.compile variants
-    ran out after a few dtypes x windows x thread counts ('recompile limit exceeded' in the middle of a run)."""
-    from ssim_ray.metric.compiled import _CompiledTiles
-
-    runners = [_CompiledTiles([1.0 / w] * w) for w in (3, 5, 7, 9, 11, 13, 15, 17, 19)]
-    for runner in runners:
-        runner.compile()  # lazy: nothing is compiled before the first call
-    codes = {runner.compiled._torchdynamo_orig_callable.__code__ for runner in runners}
-    assert len(codes) == len(runners)

@@ -1,21 +1,23 @@
-"""The torch path's kernel runner: eager tile sums, or on CPU a torch.compile'd kernel, per the compile policy.
+"""The torch path's kernel runner: eager tile sums, or on CPU the compiled C kernel, per the compile policy.
 
-torch.compile turns the ~300 elementwise ops of a tile batch into fused, vectorised C++ loops (about 10-20x
-faster than eager on CPU) but costs seconds to compile, in every process. The caller's `compile` policy says
-when to pay: 'auto' compiles once the process has spent COMPILE_AFTER_S seconds in the eager kernel for that
-dtype and window (short runs - tests, small jobs, workers that score a handful of pairs - never pay, and a
-long run pays at most that much extra), 'always' compiles on first use, 'never' stays eager. The bits are
-the same either way (`ssim_ray.metric.tiles`), so the policy is a matter of speed only. Other devices run
-the eager kernel.
+The C kernel (`ssim_ray.metric.native`, built from tile_kernel.c with the system's C compiler) computes the
+eager kernel's operations op for op on tiles read straight from the planes, 2-3x faster per pair than the
+torch.compile'd tile kernel it replaced and ~10-20x faster than eager on CPU; building it costs about a
+second, once per machine (then it is cached). The caller's `compile` policy says when to pay: 'auto'
+compiles once the process has spent COMPILE_AFTER_S seconds in the eager kernel for that dtype and window
+(short runs - tests, small jobs, workers that score a handful of pairs - never pay, and a long run pays at
+most that much extra), 'always' compiles on first use, 'never' stays eager. The bits are the same either
+way (`ssim_ray.metric.tiles`), so the policy is a matter of speed only. Other devices run the eager kernel.
 
-The compiled kernel is single-threaded (no OpenMP) and torch.get_num_threads() Python threads take chunks
-of tiles from a queue: OpenMP's barriers, several per chunk, made the kernel 5x slower with two threads
-than with one whenever another process held a core (measured on a shared 2-core machine), while a queue
-of independent chunks only loses the share of the busy core. Several batches can share one queue
-(`torch_tile_sums_of`: MS-SSIM's scales), so that no thread idles at one batch's end while another has work.
+The compiled kernel is single-threaded and torch.get_num_threads() Python threads take chunks of tiles from
+a queue (ctypes releases the GIL for each call): OpenMP's barriers, several per chunk, made a kernel 5x
+slower with two threads than with one whenever another process held a core (measured on a shared 2-core
+machine), while a queue of independent chunks only loses the share of the busy core. Several batches can
+share one queue (`torch_tile_sums_of`: MS-SSIM's scales), so that no thread idles at one batch's end while
+another has work.
 
-State kept here is a cache, not configuration: one runner per (dtype, window, tile variant) per process,
-holding its compiled kernel and its eager seconds, and one thread pool per thread count.
+State kept here is a cache, not configuration: one runner per (dtype, window, tile variant, tile shape) per
+process, holding its compiled kernel and its eager seconds, and one thread pool per thread count.
 """
 
 from __future__ import annotations
@@ -29,24 +31,23 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ssim_ray.metric import native
 from ssim_ray.metric.tiles import (
     WANG,
-    Chunk,
     PairTiles,
     TileVariant,
-    chunk_buffer,
     eager_tile_sums,
     join_sums,
-    tile_sums,
     tiles_per_call,
 )
 
 COMPILE_AFTER_S = 3.0
+# torch.compile's options for the package's other compiled kernels (`plane_passes`): single-threaded C++
+# (the pool runs chunks side by side), wrapped in C++ so that a call does not hold the GIL.
 COMPILE_OPTIONS = {"cpp.threads": 1, "cpp_wrapper": True}
 _kernels: dict = {}
 _kernel_lock = threading.Lock()
 _pools: dict = {}
-_thread_buffers = threading.local()  # each pool thread's chunk buffers, reused call after call
 
 
 def wants_compile(policy: str, eager_seconds: float, *, decided: bool) -> bool:
@@ -68,49 +69,34 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 class _CompiledTiles:
     """The compiled tile kernel for one (dtype, window, variant) on CPU, or the eager one until it pays to compile."""
 
-    def __init__(self, taps: List[float], variant: TileVariant = WANG, tile: Tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, taps: List[float], variant: TileVariant = WANG, tile: Tuple[int, int] = (0, 0),
+                 dtype: torch.dtype = torch.float32) -> None:
         self.taps = taps
+        self.taps_tensor = torch.tensor(taps, dtype=dtype)
         self.variant = variant
+        self.variant_bits = native.variant_bits(variant.sample_covariance, variant.with_cs, variant.cs_only)
         self.per_call = tiles_per_call(*tile)
         self.eager_seconds = 0.0
         self.compiled = None
-        self.ready_for_threads: set = set()
         self.failed: Optional[str] = None
 
     def wants_compile(self, policy: str) -> bool:
         return wants_compile(policy, self.eager_seconds, decided=self.compiled is not None or self.failed is not None)
 
     def compile(self) -> None:
-        import torch._inductor.config  # noqa: F401 - loaded here, not at import: only compiling needs it
+        """Build (or load from this machine's cache) the C kernel for this window; a failure is said once and
+        leaves the eager kernel (same bits)."""
+        try:
+            self.compiled = native.library(native.check_taps(self.taps))
+        except native.NativeKernelError as exc:
+            self.failed = str(exc).splitlines()[0]
+            warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
 
-        taps, variant = self.taps, self.variant
-
-        def kernel(s, d, rows, cols, consts):
-            return tile_sums(s, d, rows, cols, consts, taps, variant)
-
-        # torch.compile keeps its compiled variants on the function's code object, at most 8 of them; every
-        # runner's `kernel` shares one code object, so (dtype, window, thread count) variants would add up
-        # and hit that limit. A code object of its own per runner keeps them apart.
-        kernel.__code__ = kernel.__code__.replace(co_name=f"ssim_tiles_{id(self):x}")
-        # One static shape, `per_call` tiles of one size, for every image size and batch: compiled once.
-        # (Marking the tile count dynamic instead cost 1.6x the CPU time per tile and as long to compile.)
-        # Single-threaded code (the pool runs chunks side by side), wrapped in C++: inductor's default Python
-        # binding holds the GIL for the whole kernel, so the pool's threads took turns instead of running
-        # together (measured: 2 threads no faster than 1).
-        self.compiled = torch.compile(kernel, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
-
-    def call(self, chunk: Chunk, consts: torch.Tensor) -> torch.Tensor:
-        return self.compiled(*chunk, consts)
-
-    def cut_and_call(self, tiles: PairTiles, rows, cols, start: int, consts: torch.Tensor) -> torch.Tensor:
-        """Form tiles start .. start + per_call - 1 in this thread's buffers and run the kernel on them."""
-        buffers = _thread_buffers.__dict__.setdefault("by_key", {})
-        key = (self.per_call, tiles.tile_shape, tiles.dtype)
-        if key not in buffers:
-            buffers[key] = (chunk_buffer(tiles, self.per_call), chunk_buffer(tiles, self.per_call))
-        s, d = tiles.chunk_into(*buffers[key], start, self.per_call)
-        end = start + self.per_call
-        return self.call((s, d, rows[start:end], cols[start:end]), consts)
+    def call(self, planes: native.Planes, batch: "TileBatch", start: int, count: int) -> torch.Tensor:
+        """The sums of tiles start .. start + count - 1 of `batch`, by the compiled kernel."""
+        end = start + count
+        return native.tile_sums(self.compiled, planes, start, count, batch.rows[start:end], batch.cols[start:end],
+                                batch.consts, self.taps_tensor, self.variant_bits)
 
     def uses_compiled(self, policy: str) -> bool:
         """Whether a call under `policy` runs the compiled kernel, as things stand."""
@@ -131,7 +117,7 @@ class _CompiledTiles:
         return out
 
     def fail(self, exc: BaseException) -> None:
-        """A compiled call failed (e.g. no C++ compiler here): said once, then the eager kernel (same bits)."""
+        """A compiled call failed: said once, then the eager kernel (same bits)."""
         with _kernel_lock:
             if self.compiled is None:
                 return
@@ -156,48 +142,45 @@ class TileBatch:
 
 @dataclass(eq=False)
 class _Call:
-    """One compiled call: `per_call` tiles of a batch from `start`, on padded extents."""
+    """One compiled call: `count` tiles of a batch from `start`, read from `planes` (the batch's pixels)."""
 
     runner: _CompiledTiles
     batch: TileBatch
-    rows: torch.Tensor
-    cols: torch.Tensor
+    planes: native.Planes
     start: int
+    count: int
 
     def run(self) -> Union[torch.Tensor, BaseException]:
         try:
-            return self.runner.cut_and_call(self.batch.tiles, self.rows, self.cols, self.start, self.batch.consts)
-        except Exception as exc:  # torch._dynamo is imported by then (not at this module's import: ~1.4 s)
-            if isinstance(exc, (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)):
-                return exc
-            raise
+            return self.runner.call(self.planes, self.batch, self.start, self.count)
+        except native.NativeKernelError as exc:
+            return exc
 
 
 def _run_calls(calls: List[_Call]) -> List[Union[torch.Tensor, BaseException]]:
-    """Every call's sums, in order: the first call of each kernel not yet run at this thread count on this
-    thread, one at a time (torch.compile guards on the thread count and recompiles there), the rest from one
-    queue that the pool's threads share (one kernel's calls after another's: no thread waits at a batch's
-    end while there is work of the next)."""
+    """Every call's sums, in order, from one queue that the pool's threads share (one kernel's calls after
+    another's: no thread waits at a batch's end while there is work of the next)."""
     threads = torch.get_num_threads()
-    results: dict = {}
-    for index, call in enumerate(calls):
-        if threads not in call.runner.ready_for_threads:
-            with _kernel_lock:
-                results[index] = call.run()
-                call.runner.ready_for_threads.add(threads)
-    rest = [index for index in range(len(calls)) if index not in results]
-    if threads == 1 or len(rest) == 1:  # on this thread: a hand-over to the pool costs ~0.1 ms a call here
-        results.update((index, calls[index].run()) for index in rest)
-    else:
-        results.update(zip(rest, _pool(threads).map(lambda index: calls[index].run(), rest)))
-    return [results[index] for index in range(len(calls))]
+    if threads == 1 or len(calls) <= 1:  # on this thread: a hand-over to the pool costs ~0.1 ms a call here
+        return [call.run() for call in calls]
+    return list(_pool(threads).map(lambda call: call.run(), calls))
+
+
+def _kernel_planes(tiles: PairTiles) -> Tuple[native.Planes, Tuple[torch.Tensor, torch.Tensor]]:
+    """The C kernel's view of a batch's planes, and the tensors it points into (to keep alive): the pixels
+    in their own dtype, or float16 / bfloat16 converted (exactly) to the compute dtype first."""
+    x, y = tiles.x, tiles.y
+    if x.dtype not in native.PIXEL_CODES:
+        x, y = x.to(tiles.dtype), y.to(tiles.dtype)
+    grid = tiles.grid
+    return native.planes_of(x, y, grid.rows, grid.cols, grid.slots, grid.across), (x, y)
 
 
 def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:
     with _kernel_lock:
         key = (dtype, tuple(taps), variant, tile)
         if key not in _kernels:
-            _kernels[key] = _CompiledTiles(taps, variant, tile)
+            _kernels[key] = _CompiledTiles(taps, variant, tile, dtype)
         return _kernels[key]
 
 
@@ -216,6 +199,7 @@ def torch_tile_sums_of(batches: Sequence[TileBatch], *, policy: str) -> List[tor
     sums: List[Optional[torch.Tensor]] = [None] * len(batches)
     calls: List[_Call] = []
     runners: dict = {}
+    kept = []  # the pixels the calls read (converted copies included), alive until they have run
     for index, batch in enumerate(batches):
         if batch.tiles.x.device.type != "cpu":
             sums[index] = eager_tile_sums(batch.tiles, batch.rows, batch.cols, batch.consts, batch.taps, batch.variant)
@@ -225,9 +209,11 @@ def torch_tile_sums_of(batches: Sequence[TileBatch], *, policy: str) -> List[tor
         if not runner.decide(policy):
             sums[index] = runner.eager_sums(batch)
             continue
-        pad = -batch.tiles.count % runner.per_call  # the last call's empty tiles: extents 0, masked out
-        rows, cols = (torch.cat([t, t.new_zeros(pad)]) for t in (batch.rows, batch.cols))
-        calls += [_Call(runner, batch, rows, cols, start) for start in range(0, batch.tiles.count, runner.per_call)]
+        planes, pixels = _kernel_planes(batch.tiles)
+        kept.append(pixels)
+        total = batch.tiles.count
+        calls += [_Call(runner, batch, planes, start, min(runner.per_call, total - start))
+                  for start in range(0, total, runner.per_call)]
     parts: dict = {}
     for call, result in zip(calls, _run_calls(calls)):
         parts.setdefault(id(call.batch), []).append(result)

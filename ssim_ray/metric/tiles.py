@@ -14,18 +14,18 @@ How it computes (see docs/ARCHITECTURE.md for the contract and DESIGN.md §2 for
   in two passes with Chan's update instead: each row of the window gets its own mean and centred second
   moment, and the column pass adds w_j (var_j + (mu_j - mu)^2) - sums of non-negative terms, accurate to a
   few ulps of the variance itself (measured 4e-8 worst in fp32 on the same crops).
-- s and d are formed once per pixel, while the tiles are cut (`PairTiles`), not once per window tap inside
-  the kernel: the same values (one rounding of x + y), a fifth fewer operations in the row pass, and one
-  image per loop there (AVX2's 16 vector registers spilled when both were in one loop).
+- s and d are formed once per pixel, while the tiles are cut (`PairTiles`; the compiled kernel forms them
+  one input row at a time), not once per window tap inside the kernel: the same values (one rounding of
+  x + y), a fifth fewer operations in the row pass, and one image per loop there.
 - Every image plane is cut into tiles of TILE_ROWS x TILE_COLS map pixels (plus the window's halo), anchored
   at the plane's own origin. A tile's map and its float64 sum are computed by the same elementwise ops
   whatever else is in the call, and a plane's tile sums are added by elementwise adds in an order fixed by
   its own size (no reduction kernel chooses an order for us). So a pair's score depends on nothing but its
   own pixels: the same bits in any batch, at any position, in any ragged grouping, with any thread count.
-  The tile shape never depends on the batch, so one compiled kernel of one static shape (TILES_PER_CALL
-  tiles, `ssim_ray.metric.compiled`) serves every image size, and the compiled and eager kernels give the
-  same bits (no contraction into FMA, no reassociation: tested).
-- Variants (`TileVariant`), each its own compiled kernel, leave Wang's SSIM graph untouched: sample
+  The tile shape never depends on the batch, and the compiled kernel (`ssim_ray.metric.native`, C) takes
+  these operations in this order for every map pixel and sums each tile the same way, so the compiled and
+  eager kernels give the same bits (no contraction into FMA, no reassociation: tested).
+- Variants (`TileVariant`), each a flag of the compiled kernel, leave Wang's SSIM graph untouched: sample
   covariance (scikit-image's default) scales both variances by N / (N - 1) before the formula, and MS-SSIM
   adds the contrast-structure map cs = (B - b) / (B + b) = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2),
   summed per tile beside the SSIM map, from the same subexpressions (so its SSIM map has ssim()'s bits).
@@ -42,11 +42,10 @@ import torch
 TILE_ROWS = 64
 TILE_COLS = 128
 MIN_TILE_SIDE = 16  # smallest side of a one-tile plane's tile (`tile_grid`): two AVX-512 vectors of fp32
-TILES_PER_CALL = 32  # tiles per compiled call: 1.3 MB of fp32 input each for x and y, cache-sized
+TILES_PER_CALL = 32  # tiles per compiled call: the pool's unit of work (~1 ms of a 64 x 128 tile each)
 # Tiles per eager call: bounds the memory of the ~20 live temporaries of a tile batch.
 EAGER_CHUNK = {"cpu": 64}
 DEFAULT_EAGER_CHUNK = 1024
-_SERIAL_ELEMENTS = 32768  # ATen's GRAIN_SIZE: elementwise ops below it run on the calling thread only
 
 Chunk = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -204,7 +203,7 @@ def tile_sums(
     s: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, consts: torch.Tensor, taps: List[float],
     variant: TileVariant = WANG,
 ) -> torch.Tensor:
-    """Sums only, so that the map never has to be written out: what the compiled kernel runs."""
+    """Sums only, so that the map never has to be written out (what `eager_tile_sums` runs)."""
     return tile_kernel(s, d, rows, cols, consts, taps, variant)[0]
 
 
@@ -308,34 +307,8 @@ def tile_grid(height: int, width: int, win_size: int) -> TileGrid:
 
 
 def tiles_per_call(rows: int, cols: int) -> int:
-    """Tiles per compiled call for a tile of rows x cols map pixels (each tile shape is its own kernel)."""
+    """Tiles per compiled call for a tile of rows x cols map pixels."""
     return TILES_PER_CALL
-
-
-def chunk_buffer(tiles: "PairTiles", per_call: int) -> torch.Tensor:
-    """A zeroed buffer that `PairTiles.chunk_into` can cut `per_call` of these tiles into (one for s, one for d)."""
-    tile_h, tile_w = tiles.tile_shape
-    rows = per_call * tiles.grid.rows + tile_h - tiles.grid.rows
-    return torch.zeros((rows, tile_w), dtype=tiles.dtype, device=tiles.x.device)
-
-
-def sum_and_difference(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, d: torch.Tensor,
-                       scratch: torch.Tensor) -> None:
-    """s = x + y and d = x - y in s's dtype, x and y converted exactly first (same bits as x.to(dt) + y.to(dt)).
-
-    x, y: same-shape pixels in their own dtype; s, d: same-shape outputs in the compute dtype (not aliasing
-    x or y); scratch: a same-shape buffer in the compute dtype for x converted. Other dtypes are converted by
-    copies first: ATen's mixed-dtype add and subtract take a scalar casting loop (measured 2x the time of a
-    conversion copy plus a vectorised add on uint8 tiles).
-    """
-    if x.dtype == s.dtype:
-        torch.add(x, y, out=s)
-        torch.sub(x, y, out=d)
-    else:
-        scratch.copy_(x)
-        d.copy_(y)
-        torch.add(scratch, d, out=s)
-        torch.sub(scratch, d, out=d)
 
 
 @dataclass(frozen=True)
@@ -344,12 +317,8 @@ class PairTiles:
     (`TileGrid`), formed when they are needed.
 
     s and d are what the window statistics are taken of (`_maps`); forming them once per pixel here saves the
-    kernel an add and a subtract per window tap, and keeps the compiled row pass's loops to one image each.
-
-    `all()` forms every tile at once (the eager kernel); `chunk_into()` forms `count` of them into a caller's
-    buffers, on the thread that then runs the compiled kernel on them: the pixels are read once, while they
-    are needed, by single-threaded ATen ops. (ATen's ops on whole batches are multi-threaded: their OpenMP
-    barriers stall whenever another process holds a core.)
+    kernel an add and a subtract per window tap. `all()` forms every tile at once (the eager kernel); the
+    compiled kernel reads x and y themselves (`ssim_ray.metric.compiled`).
     """
 
     x: torch.Tensor
@@ -396,84 +365,9 @@ class PairTiles:
         buffer[self.count * grid.rows :].zero_()
         return buffer
 
-    def chunk_into(self, s_buffer: torch.Tensor, d_buffer: torch.Tensor, start: int,
-                   count: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Tiles start .. start + count - 1 of s and d, each a (count, rows + w - 1, cols + w - 1) view of its buffer.
-
-        The buffers are (count * rows + w - 1, cols + w - 1) in `dtype`. Each run of tiles down one strip is one
-        band of image rows, formed in blocks small enough for ATen to run on this thread alone. Tiles past
-        the last (a padded call) and pixels past the image's edges keep whatever finite values the buffers
-        held: they only reach map pixels that the kernel masks out.
-        """
-        grid, halo = self.grid, self.grid.win - 1
-        tile_w = self.tile_shape[1]
-        end = min(start + count, self.count)
-        tile, scratch = start, None
-        if self.x.dtype != self.dtype:
-            scratch = s_buffer.new_empty(max(_SERIAL_ELEMENTS, tile_w))  # step * width never exceeds it
-        while tile < end:
-            if (grid.across == 1 and grid.height * grid.width <= _SERIAL_ELEMENTS and tile % grid.slots == 0
-                    and tile + grid.slots <= end):
-                tile = self._whole_planes_into(s_buffer, d_buffer, start, tile, end, scratch)
-                continue
-            strip, slot = divmod(tile, grid.slots)
-            last = min(end, (strip + 1) * grid.slots)  # this run: tiles tile .. last - 1, all down one strip
-            plane, block = divmod(strip, grid.across)
-            top, left = slot * grid.rows, block * grid.cols
-            bottom = min(grid.height, (last - strip * grid.slots) * grid.rows + halo)
-            width = min(grid.width, left + grid.cols + halo) - left
-            step = max(1, _SERIAL_ELEMENTS // width)
-            at = (tile - start) * grid.rows
-            for row in range(top, bottom, step):
-                shape = (min(step, bottom - row), width)
-                target = ((tile_w, 1), (at + row - top) * tile_w)
-                sum_and_difference(_pixels(self.x, shape, plane, row, left), _pixels(self.y, shape, plane, row, left),
-                                   s_buffer.as_strided(shape, *target), d_buffer.as_strided(shape, *target),
-                                   None if scratch is None else scratch.as_strided(shape, (width, 1)))
-            tile = last
-        return self._view(s_buffer, count), self._view(d_buffer, count)
-
-    def _whole_planes_into(self, s_buffer: torch.Tensor, d_buffer: torch.Tensor, start: int, tile: int, end: int,
-                           scratch) -> int:
-        """For a grid one strip wide, from `tile` (a plane's first) on: every plane whose tiles all lie before
-        `end`, several planes per op, into the buffers of the call that starts at `start`; returns the next
-        tile to form.
-
-        A plane's tiles are `slots` consecutive tiles whose slots hold its rows one after another, so the
-        plane lands in the buffer as one (height, width) block at its first tile's row: the same pixels in
-        the same places as tile by tile (coarse MS-SSIM scales and thumbnails have dozens of small planes
-        per call, where that paid a few ATen calls per tile).
-        """
-        grid, tile_w = self.grid, self.tile_shape[1]
-        first, last = tile // grid.slots, end // grid.slots  # planes first .. last - 1
-        height, width = grid.height, grid.width
-        step = _SERIAL_ELEMENTS // (height * width)  # >= 1: the caller sends planes of at most that many pixels
-        plane_rows = grid.slots * grid.rows
-        for plane in range(first, last, step):
-            shape = (min(step, last - plane), height, width)
-            target = ((plane_rows * tile_w, tile_w, 1), (plane * grid.slots - start) * grid.rows * tile_w)
-            sum_and_difference(_plane_block(self.x, shape, plane), _plane_block(self.y, shape, plane),
-                               s_buffer.as_strided(shape, *target), d_buffer.as_strided(shape, *target),
-                               None if scratch is None else scratch.as_strided(shape, (height * width, width, 1)))
-        return last * grid.slots
-
     def _view(self, buffer: torch.Tensor, count: int) -> torch.Tensor:
         tile_h, tile_w = self.tile_shape
         return buffer.as_strided((count, tile_h, tile_w), (self.grid.rows * tile_w, tile_w, 1))
-
-
-def _pixels(planes: torch.Tensor, shape: Tuple[int, int], plane: int, row: int, column: int) -> torch.Tensor:
-    """planes[plane, row : row + shape[0], column : column + shape[1]] by as_strided: slicing and split cost more
-    here (measured ~7 and ~15 us a view on the 2-core dev machine) than the block's arithmetic."""
-    p_stride, r_stride, c_stride = planes.stride()
-    offset = planes.storage_offset() + plane * p_stride + row * r_stride + column * c_stride
-    return planes.as_strided(shape, (r_stride, c_stride), offset)
-
-
-def _plane_block(planes: torch.Tensor, shape: Tuple[int, int, int], plane: int) -> torch.Tensor:
-    """planes[plane : plane + shape[0]] by as_strided (see `_pixels`)."""
-    p_stride, r_stride, c_stride = planes.stride()
-    return planes.as_strided(shape, (p_stride, r_stride, c_stride), planes.storage_offset() + plane * p_stride)
 
 
 def pair_tiles(x: torch.Tensor, y: torch.Tensor, grid: TileGrid, dtype: torch.dtype) -> PairTiles:
