@@ -148,10 +148,10 @@ def test_a_build_goes_into_the_users_own_cache_and_is_reused(fresh_kernels, monk
     monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path))
     native.library(5)
     directory = tmp_path / f"ssim_ray_kernels_{os.getuid()}"
-    built = list(directory.glob("tile_kernel_5_*.so"))
+    built = list(directory.glob("tile_kernel_*.so"))
     assert len(built) == 1 and directory.stat().st_mode & 0o777 == 0o700
     stamp = built[0].stat().st_mtime_ns
     native.library.cache_clear()
-    monkeypatch.setattr(native, "_build", lambda half, target: pytest.fail("built again"))
+    monkeypatch.setattr(native, "_build", lambda source, defines, target: pytest.fail("built again"))
     native.library(5)
     assert built[0].stat().st_mtime_ns == stamp

@@ -1,10 +1,9 @@
-"""The plane passes (`ssim_ray.metric.plane_passes`): compiled and eager give the definition's bits.
+"""The plane passes (`ssim_ray.metric.plane_passes`): compiled (C) and eager give the definition's bits.
 
-MS-SSIM's between-scale halving (numpy on CPU, split among threads; torch elsewhere) must equal
+MS-SSIM's between-scale halving (C or numpy on CPU, split among threads; torch elsewhere) must equal
 `wang_downsample(x.to(dtype), 2)` (imfilter 'symmetric' then every second pixel) to the bit in every dtype,
-on odd and even sides, one-pixel sides included, strided views included; PSNR's fused squared-error sums
-must equal the int64 sums on uint8 and uint16 planes - uint8 planes whose pixel count is a multiple of 4 as
-int32 words of four pixels, views that start mid-word included - crops (strided views) included.
+on odd and even sides, one-pixel sides included, strided views included; PSNR's squared-error sums must equal
+the int64 sums on uint8 and uint16 planes, crops, strided views and views at any byte offset included.
 Real photographs with real distortions (JPEG, noise, SR-style bicubic down-and-up).
 """
 
@@ -31,8 +30,9 @@ def photos(height: int, width: int, *, top: int = 0, left: int = 0) -> tuple:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("height, width", [(96, 64), (181, 177), (64, 33), (33, 64), (1, 7), (7, 1), (2, 2), (1, 1)])
-def test_halve_is_wang_downsample_bitwise(height: int, width: int, threads: int) -> None:
+def test_halve_is_wang_downsample_bitwise(height: int, width: int, policy: str, threads: int) -> None:
     x, _ = photos(max(height, 16), max(width, 16), top=40, left=60)
     x = x[..., :height, :width]  # a strided view of bigger planes
     cases = {torch.uint8: x, torch.uint16: x.to(torch.int32).mul(257).to(torch.uint16),
@@ -45,11 +45,11 @@ def test_halve_is_wang_downsample_bitwise(height: int, width: int, threads: int)
             for dtype in (torch.float32, torch.float64):
                 want = wang_downsample(images.to(dtype), 2)
                 column_major = images.transpose(-2, -1).contiguous().transpose(-2, -1)
-                got, other = halve_pair(images, column_major, dtype)
+                got, other = halve_pair(images, column_major, dtype, policy=policy)
                 assert got.dtype == dtype and got.shape == want.shape == (3, 3, -(-height // 2), -(-width // 2))
                 assert torch.equal(got, want), (in_dtype, dtype)
                 assert torch.equal(other, want), (in_dtype, dtype)  # the same pixels, column-major
-                assert torch.equal(halve(images, dtype), want), (in_dtype, dtype)
+                assert torch.equal(halve(images, dtype, policy=policy), want), (in_dtype, dtype)
     finally:
         torch.set_num_threads(before)
 
@@ -57,11 +57,9 @@ def test_halve_is_wang_downsample_bitwise(height: int, width: int, threads: int)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("height, width", [(96, 64), (64, 36), (4, 8), (2, 4), (64, 34)])
-def test_integer_halving_by_words_is_wang_downsample_bitwise(height: int, width: int, policy: str,
-                                                             threads: int) -> None:
-    """uint8 planes of whole 4-pixel words and uint16 planes of whole 2-pixel words (even heights) go through
-    the compiled integer pass under 'always' (64 x 34 and 2 x 4 only for uint16 / eagerly): the same bits as
-    the definition, for views, planes that start mid-word, and the largest sums."""
+def test_integer_halving_is_wang_downsample_bitwise(height: int, width: int, policy: str, threads: int) -> None:
+    """uint8 and uint16 planes: the same bits as the definition, for views, planes that start at an odd byte
+    offset, and the largest sums."""
     x, _ = photos(max(height, 16), max(width, 16), top=17, left=29)
     x = x[..., :height, :width]
     flat = torch.cat([torch.zeros(3, dtype=torch.uint8), x.flatten()])[3:].view(x.shape)  # starts mid-word
@@ -104,7 +102,7 @@ def test_halve_averages_an_odd_sides_last_row_with_itself() -> None:
 
 
 @pytest.mark.parametrize("dtype, scale", [(torch.uint8, 1), (torch.uint16, 257)])
-def test_fused_square_error_sums_equal_the_integer_sums(dtype: torch.dtype, scale: int) -> None:
+def test_compiled_square_error_sums_equal_the_integer_sums(dtype: torch.dtype, scale: int) -> None:
     x, y = photos(203, 171, top=9, left=13)
     x, y = (x.to(torch.int64) * scale).to(dtype), (y.to(torch.int64) * scale).to(dtype)
     xp, yp = x.reshape(-1, 203, 171), y.reshape(-1, 203, 171)
@@ -113,15 +111,14 @@ def test_fused_square_error_sums_equal_the_integer_sums(dtype: torch.dtype, scal
         want = (xp[kept].to(torch.int64) - yp[kept].to(torch.int64)).pow(2).sum(dim=(-2, -1)).to(torch.float64)
         for policy in POLICIES:
             assert torch.equal(exact_square_error_sums(xp, yp, crop=crop, policy=policy), want), (crop, policy)
-    strided = xp[:, ::2], yp[:, ::2]  # another layout: the compiled kernel gets a contiguous copy
+    strided = xp[:, ::2], yp[:, ::2]  # another layout: every second row
     want = (strided[0].to(torch.int64) - strided[1].to(torch.int64)).pow(2).sum(dim=(-2, -1)).to(torch.float64)
     assert torch.equal(exact_square_error_sums(*strided, crop=0, policy="always"), want)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_uint8_planes_as_words_of_four_pixels_give_the_integer_sums(policy: str) -> None:
-    """200 x 172 planes (a multiple of 4 pixels) go through the int32-word pass; so do crops that keep a
-    multiple of 4, and planes whose tensor starts mid-word (an aligned copy)."""
+def test_uint8_square_error_sums_of_crops_offsets_and_extremes(policy: str) -> None:
+    """Crops, planes whose tensor starts at an odd byte offset, and every difference at its largest."""
     x, y = photos(200, 172, top=21, left=5)
     xp, yp = x.reshape(-1, 200, 172), y.reshape(-1, 200, 172)
     for crop in (0, 2, 3):  # 3 keeps 194 x 166 = 32204 pixels, a multiple of 4; 2 keeps 196 x 168
@@ -134,7 +131,7 @@ def test_uint8_planes_as_words_of_four_pixels_give_the_integer_sums(policy: str)
     assert flat_x.storage_offset() % 4 and flat_y.storage_offset() % 4
     want = (xp.to(torch.int64) - yp.to(torch.int64)).pow(2).sum(dim=(-2, -1)).to(torch.float64)
     assert torch.equal(exact_square_error_sums(flat_x, flat_y, crop=0, policy=policy), want)
-    # The extremes: every difference 255 (a word's four squares at their largest, 4 * 255^2 in int32).
+    # The extremes: every difference 255 (the C kernel's int32 partial sums at their largest).
     white, black = torch.full((4, 64, 64), 255, dtype=torch.uint8), torch.zeros((4, 64, 64), dtype=torch.uint8)
     assert exact_square_error_sums(white, black, crop=0, policy=policy).tolist() == [255.0**2 * 4096] * 4
 

@@ -30,11 +30,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 
 SOURCE = Path(__file__).with_name("tile_kernel.c")
+PLANE_SOURCE = Path(__file__).with_name("plane_kernel.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
 ARCH_FLAG = "-march=native"
 COMPILERS = ("cc", "gcc", "clang")
@@ -94,14 +95,14 @@ def _build_identity() -> bytes:
     return b"\0".join([version, cpu, platform.machine().encode(), sys.platform.encode()])
 
 
-def _build(half: int, target: Path) -> None:
-    """Compile tile_kernel.c for window half width `half` into `target` (atomically: concurrent builders of the
-    same library each rename a whole file into place)."""
+def _build(source: Path, defines: Tuple[str, ...], target: Path) -> None:
+    """Compile `source` with `defines` into `target` (atomically: concurrent builders of the same library each
+    rename a whole file into place)."""
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         for arch in ([ARCH_FLAG], []):  # a compiler without -march=native still builds the portable code
-            command = [_compiler(), *FLAGS, *arch, f"-DHALF={half}", str(SOURCE), "-o", partial]
+            command = [_compiler(), *FLAGS, *arch, *defines, str(source), "-o", partial]
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(partial, target)
@@ -112,26 +113,69 @@ def _build(half: int, target: Path) -> None:
             os.unlink(partial)
 
 
-@functools.lru_cache(maxsize=None)
-def library(half: int) -> ctypes.CDLL:
-    """The built kernel library for windows of 2 * half + 1 taps (built on first use, then from the cache)."""
+def _load(source: Path, defines: Tuple[str, ...]) -> ctypes.CDLL:
+    """`source` built with `defines` (on first use, then from this user's cache) and loaded."""
     with _lock:
         try:
-            key = hashlib.sha256(SOURCE.read_bytes() + _build_identity() + repr((FLAGS, ARCH_FLAG, half)).encode())
-            target = cache_dir() / f"tile_kernel_{half}_{key.hexdigest()[:24]}.so"
+            key = hashlib.sha256(source.read_bytes() + _build_identity() + repr((FLAGS, ARCH_FLAG, defines)).encode())
+            target = cache_dir() / f"{source.stem}_{key.hexdigest()[:24]}.so"
             if not target.exists():
-                _build(half, target)
-            lib = ctypes.CDLL(str(target))
+                _build(source, defines, target)
+            return ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as exc:
             raise NativeKernelError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def library(half: int) -> ctypes.CDLL:
+    """The tile kernel's library for windows of 2 * half + 1 taps."""
+    lib = _load(SOURCE, (f"-DHALF={half}",))
     if lib.ssim_tiles_half() != half:
-        raise NativeKernelError(f"{target} was built for another window")
+        raise NativeKernelError(f"{lib._name} was built for another window")
     for name in ("ssim_tiles_f32", "ssim_tiles_f64"):
         function = getattr(lib, name)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.POINTER(Planes), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def plane_library() -> ctypes.CDLL:
+    """The plane passes' library (plane_kernel.c: MS-SSIM's halving, PSNR's integer squared errors)."""
+    lib = _load(PLANE_SOURCE, ())
+    strides = ctypes.POINTER(ctypes.c_int64)
+    for name in ("halve_f32", "halve_f64"):
+        function = getattr(lib, name)
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int, strides, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_void_p]
+    lib.square_error_sums.restype = ctypes.c_int
+    lib.square_error_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, strides, strides, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * 3)(*t.stride())
+
+
+def halve(lib: ctypes.CDLL, planes: torch.Tensor, out: torch.Tensor, first: int, last: int) -> None:
+    """Planes first .. last - 1 of (P, H, W) CPU `planes` (a PIXEL_CODES dtype) halved into contiguous
+    (P, ceil(H/2), ceil(W/2)) `out` (float32 or float64): plane_kernel.c's halve."""
+    function = lib.halve_f64 if out.dtype == torch.float64 else lib.halve_f32
+    if function(planes.data_ptr(), PIXEL_CODES[planes.dtype], _strides(planes), first, last, planes.shape[1],
+                planes.shape[2], out.data_ptr()) != 0:
+        raise NativeKernelError("the C halving could not allocate its scratch memory")
+
+
+def square_error_sums(lib: ctypes.CDLL, x: torch.Tensor, y: torch.Tensor, crop: int, out: torch.Tensor,
+                      first: int, last: int) -> None:
+    """Into float64 `out[first:last]`: per plane of (P, H, W) uint8 / uint16 CPU x and y, the exact sum of
+    (x - y)^2 over the pixels `crop` or more from each side."""
+    if lib.square_error_sums(x.data_ptr(), y.data_ptr(), PIXEL_CODES[x.dtype], _strides(x), _strides(y), first, last,
+                             x.shape[1], x.shape[2], crop, out[first:].data_ptr()) != 0:
+        raise NativeKernelError(f"the C squared-error sums take uint8 or uint16 pixels, not {x.dtype}")
 
 
 def variant_bits(sample_covariance: bool, with_cs: bool, cs_only: bool) -> int:
