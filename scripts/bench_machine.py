@@ -27,7 +27,7 @@ def cpu_model() -> str:
 
 
 def vector_isa() -> str:
-    """The widest x86 vector extension the CPU reports (/proc/cpuinfo flags): what inductor's C++ code targets."""
+    """The widest x86 vector extension the CPU reports (/proc/cpuinfo flags): what the C kernels are built for (-march=native)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:

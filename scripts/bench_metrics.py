@@ -7,7 +7,7 @@ too), the peers float32 copies made outside the timed region. ssim_ray's sets: `
 `ssim(per_channel=True)`; `+ psnr` adds `mse(per_channel=True)` (the job forms PSNR from it); `+ ms_ssim`
 replaces `ssim` by `ms_ssim_terms_and_ssim` (SSIM's full-resolution pass is MS-SSIM's first scale). All run
 in one process with torch threads fixed, taking turns call by call (medians of `--repeats` rounds; what a
-metric adds is the median over rounds of each round's own difference), the compiled CPU kernel warm. Prints the CPU model and its vector ISA (what inductor's C++ code targets).
+metric adds is the median over rounds of each round's own difference), the compiled CPU kernel warm. Prints the CPU model and its vector ISA (what the C kernels are built for).
 
 Usage:
     python scripts/bench_metrics.py                         # 16x3x256^2 uint8 and float32, 2 threads

@@ -4,7 +4,7 @@ All implementations are timed in one process with torch's threads fixed (default
 call so that other jobs on a shared machine slow them alike. Per case it prints pairs/s (median, and the
 range, of the timed calls after one warm-up), CPU ms per pair, the ratio of ssim_ray's pairs/s to each
 peer's, and max |score - skimage| per pair; in a fresh process per implementation, the first call's
-latency (ssim_ray compiles its kernel there, or loads it from torch's compile cache) and the growth of
+latency (ssim_ray builds its C kernel there, or loads it from this machine's kernel cache) and the growth of
 peak RSS during a second call. Inputs are crops of real photos (scikit-image's data)
 and their JPEG-compressed, noisy copies.
 
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(f"{n}x{side}:{dtype}" for n, side, dtype in CASES),
                         help="comma-separated NxSIDE:DTYPE, e.g. 16x256:float32,2x1024:uint8")
     parser.add_argument("--cold-compile", action="store_true",
-                        help="first measure ssim_ray's first call with an empty torch.compile cache")
+                        help="first measure ssim_ray's first call with an empty kernel cache (a fresh TMPDIR)")
     parser.add_argument("--warm-malloc", action="store_true",
                         help="rerun with glibc keeping freed memory (bench_machine.WARM_MALLOC): the peers' "
                              "temporaries then cost no page faults")
@@ -264,10 +264,9 @@ def main() -> None:
     print(f"Machine: {machine()}; torch threads: {args.threads}")
     env = dict(os.environ)
     if args.cold_compile:
-        with tempfile.TemporaryDirectory() as cache:
-            cold = run_in_fresh_process(Case("ssim_ray", 16, 256, "float32", args.threads),
-                                        {**env, "TORCHINDUCTOR_CACHE_DIR": cache})
-        print(f"ssim_ray first call with an empty compile cache (compiles the tile kernel): {cold['first_call_s']:.1f} s")
+        with tempfile.TemporaryDirectory() as cache:  # the kernel cache lives under the temporary directory
+            cold = run_in_fresh_process(Case("ssim_ray", 16, 256, "float32", args.threads), {**env, "TMPDIR": cache})
+        print(f"ssim_ray first call with an empty kernel cache (builds the C kernel): {cold['first_call_s']:.1f} s")
     for batch, side, dtype in parse_cases(args.cases):
         memory = {impl: run_in_fresh_process(Case(impl, batch, side, dtype, args.threads), env)
                   for impl in IMPLEMENTATIONS}

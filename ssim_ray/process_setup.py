@@ -51,29 +51,22 @@ def keep_large_blocks_in_heap() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_BLOCK_LIMIT))
 
 
-def configure_cpu_compute(*, torch_threads: int, gil_free_kernel: bool = True) -> None:
+def configure_cpu_compute(*, torch_threads: int) -> None:
     """Set up a process that computes SSIM on the CPU as an actor does (also used by the benchmarks).
 
     When ssim's CPU kernel compiles is not set here: callers pass `compile=` to ssim() (the worker decides
-    per actor, benchmarks choose per row).
+    per actor, benchmarks choose per row). The compiled CPU kernels (C, called through ctypes) release the
+    GIL while they run, so an actor's decode threads go on while SSIM computes (with torch.compile's default
+    Python binding, which held it, SSIM on the main thread and two Pillow decode threads used 1.39 cores;
+    without the GIL held, 1.92: measured).
 
     Args:
         torch_threads: intra-op threads. One per actor: an OpenMP team of two on a core shared with
             decode threads (or other jobs) waits at every barrier for a descheduled member (measured on
             2 shared cores: 5-150 pairs/s with 2 threads against a steady 250 with 1).
-        gil_free_kernel: have torch.compile wrap CPU kernels in C++ (`torch._inductor.config.cpp_wrapper`),
-            which releases the GIL while they run. Inductor's default Python binding holds it for the
-            whole kernel call, so an actor's decode threads stalled whenever SSIM ran: measured in one
-            process, SSIM on the main thread with two Pillow decode threads used 1.39 cores (SSIM at 0.69
-            of its alone rate, decoding at 0.28); with the C++ wrapper 1.92 (0.55 and 0.63). The kernels
-            themselves are the same code, so the scores keep their bits.
     """
     torch.set_num_threads(max(1, torch_threads))
     keep_large_blocks_in_heap()
-    if gil_free_kernel:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.cpp_wrapper = True
 
 
 def quiet_profiler_logs() -> None:
@@ -96,4 +89,4 @@ def configure_actor_process(*, device: str, torch_threads: int) -> None:
         # Ray no longer hides GPUs from tasks that asked for none; a CPU actor must not touch one.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     quiet_profiler_logs()
-    configure_cpu_compute(torch_threads=torch_threads, gil_free_kernel=device == "cpu")
+    configure_cpu_compute(torch_threads=torch_threads)

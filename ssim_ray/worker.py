@@ -45,15 +45,14 @@ from ssim_ray.process_setup import configure_actor_process, peak_rss_bytes
 # Pairs in the probe's trial batch: enough to make the per-pair peak dominate fixed costs, small enough
 # to be cheap on the largest images.
 PROBE_TRIAL_PAIRS = 4
-# Compile ssim's CPU kernel before the first batch once an actor's work is expected to pay for it: the
-# compile costs ~4-6 s of one core, the compiled kernel saves ~50 ns per pixel and channel against the
-# eager one (measured at 256² and 512² RGB: 10.7 -> 2.0 and 52 -> 7 ms per pair), so it pays after about
-# 1e8 pixels; twice that keeps small jobs (and tests) on ssim's own policy (compile after 3 s of eager).
+# Compile ssim's CPU kernel before the first batch once an actor's work is expected to pay for it. The
+# thresholds date from torch.compile, whose compile cost ~4-6 s of one core; the C kernel that replaced it
+# builds in ~1 s once per machine and loads from its cache in milliseconds after that, so they are now
+# conservative: small jobs (and tests) stay on ssim's own policy (compile after 3 s of eager work).
 COMPILE_NOW_MIN_PIXELS = 2e8
 # An actor that expects this many pairs compiles while it starts, before its first shard: 1024 pairs of
 # 256² RGB are the 2e8 above, and the compile is a start-up cost like torch's import, paid once per
-# process (~3 s with a warm on-disk cache, most of it Python that holds the GIL, so it cannot hide behind
-# the first shard's decoding: tried, no gain).
+# process.
 COMPILE_AT_START_MIN_PAIRS = 1024
 
 

@@ -55,7 +55,7 @@ def _when_busy(actors: int, action, timeout: float = 120.0) -> threading.Thread:
 def _running_shard_pids() -> list:
     # Ray names an actor's process after the method it is executing. Only this test's actors count: their
     # parent is a raylet of this cluster (other Ray sessions may run on the machine), which also leaves out
-    # the processes an actor forks (torch.compile's workers inherit its name).
+    # the processes an actor forks (a C compiler it runs inherits its name).
     raylets = [node["RayletSocketName"] for node in ray.nodes() if node.get("RayletSocketName")]
     found = subprocess.run(["pgrep", "-f", "ray::ShardWorker.run_shard"], capture_output=True, text=True)
     return sorted(int(pid) for pid in found.stdout.split() if any(s in _parent_cmdline(int(pid)) for s in raylets))

@@ -42,9 +42,6 @@ from ssim_ray.metric.tiles import (
 )
 
 COMPILE_AFTER_S = 3.0
-# torch.compile's options for the package's other compiled kernels (`plane_passes`): single-threaded C++
-# (the pool runs chunks side by side), wrapped in C++ so that a call does not hold the GIL.
-COMPILE_OPTIONS = {"cpp.threads": 1, "cpp_wrapper": True}
 _kernels: dict = {}
 _kernel_lock = threading.Lock()
 _pools: dict = {}

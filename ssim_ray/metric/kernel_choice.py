@@ -250,7 +250,8 @@ def kernel_in_use(
 ) -> str:
     """Which kernel `ssim()` runs on `device` with these options, in this process: for a job's records.
 
-    'triton' is the fused kernel; 'torch-compiled' the torch path's torch.compile'd CPU kernel;
+    'triton' is the fused kernel; 'torch-compiled' the torch path's compiled CPU kernel (C, built at run
+    time: `ssim_ray.metric.native`);
     'torch-eager' the torch path without it (other devices, compile='never', before 'auto' has compiled,
     or where compiling failed). After an ssim() call with the same options this is the kernel that call
     ran (a compile happens as a call starts); before any, the one the first call will run ('always'

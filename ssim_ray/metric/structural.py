@@ -176,9 +176,9 @@ def ssim(
     thread count), and `ssim(x, y)` equals `mean_over_channels(ssim(x, y, per_channel=True))` bitwise,
     which is `ssim(x, y, per_channel=True).mean(-1)` on CPU for up to 4 channels.
 
-    Speed on CPU: with `compile='auto'` a process starts with an eager kernel and compiles a fused one with
-    torch.compile once it has spent a few seconds computing (same bits; needs a C++ compiler, else it stays
-    eager with a warning). `compile='always'` compiles on the first call, `'never'` never does. CUDA
+    Speed on CPU: with `compile='auto'` a process starts with an eager kernel and, once it has spent a few
+    seconds computing, builds a C one with the system's C compiler (same bits, same operations in the same
+    order; about a second, once per machine; with no compiler it stays eager with a warning). `compile='always'` compiles on the first call, `'never'` never does. CUDA
     tensors run the same torch code eagerly, or the fused Triton kernel with `kernel='triton'`.
     `kernel_in_use` says which kernel a process runs.
 
