@@ -34,13 +34,13 @@ def planes_of_photos(height: int, width: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def native_sums(x: torch.Tensor, y: torch.Tensor, grid: tiles.TileGrid, consts: torch.Tensor, taps: list,
-                variant: tiles.TileVariant, per_call: int) -> torch.Tensor:
+                variant: tiles.TileVariant, per_call: int, lib=None) -> torch.Tensor:
     """Every tile's sums by the C kernel, `per_call` tiles a call (calls that start and end mid-strip)."""
     rows, cols = tiles.tile_extents(x.shape[0], grid, x.device)
     if x.dtype not in native.PIXEL_CODES:
         x, y = x.to(consts.dtype), y.to(consts.dtype)
     planes = native.planes_of(x, y, grid.rows, grid.cols, grid.slots, grid.across)
-    lib = native.library(native.check_taps(taps))
+    lib = lib or native.library(native.check_taps(taps))
     bits = native.variant_bits(variant.sample_covariance, variant.with_cs, variant.cs_only)
     taps_tensor = torch.tensor(taps, dtype=consts.dtype)
     parts = [native.tile_sums(lib, planes, start, min(per_call, len(rows) - start), rows[start : start + per_call],
@@ -155,3 +155,40 @@ def test_a_build_goes_into_the_users_own_cache_and_is_reused(fresh_kernels, monk
     monkeypatch.setattr(native, "_build", lambda source, defines, target: pytest.fail("built again"))
     native.library(5)
     assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_kernel_directory_that_is_a_link_is_refused(fresh_kernels, monkeypatch, tmp_path) -> None:
+    """A link planted where the cache would be (pointing at a directory this user owns) is not followed."""
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path))
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    (tmp_path / f"ssim_ray_kernels_{os.getuid()}").symlink_to(target)
+    with pytest.raises(native.NativeKernelError, match="not this user's own directory"):
+        native.library(5)
+    assert not list(target.iterdir())
+
+
+def test_planes_of_refuses_mismatched_planes() -> None:
+    x = torch.zeros(2, 20, 20, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="same-shape"):
+        native.planes_of(x, x.float(), 16, 16, 1, 1)
+    with pytest.raises(ValueError, match="same-shape"):
+        native.planes_of(x, x[:, :19], 16, 16, 1, 1)
+
+
+def test_the_wide_vector_build_gives_the_same_bits() -> None:
+    """AVX-512 machines build 64-byte vectors (16 float32 lanes, 8 float64): lanes are independent, so the
+    sums must not move. Built here with that width forced (the compiler splits the vectors on AVX2), which
+    checks the code's handling of the wider vectors (columns rounded up to 16, buffers) on this machine."""
+    lib = native.tile_functions(native._load(native.SOURCE, ("-DHALF=5", "-DVECTOR_BYTES=64")), 5)
+    x, y = planes_of_photos(139, 300)
+    for compute in (torch.float32, torch.float64):
+        taps = tiles.taps_in(gaussian_window_1d(11, 1.5), compute)
+        for height, width in [(139, 300), (40, 23), (11, 11)]:
+            grid = tiles.tile_grid(height, width, 11)
+            for variant in VARIANTS:
+                values = [6.5025, 58.5225, 121 / 120]
+                consts = torch.tensor(values if variant.sample_covariance else values[:2], dtype=compute)
+                xs, ys = x[:, :height, :width], y[:, :height, :width]
+                want = eager_sums(xs, ys, grid, consts, taps, variant)
+                assert torch.equal(native_sums(xs, ys, grid, consts, taps, variant, 7, lib), want), (height, width)

@@ -59,12 +59,13 @@ class Planes(ctypes.Structure):
 
 
 def cache_dir() -> Path:
-    """This user's directory of built kernels: created 0700, refused if another user owns it or can write it."""
+    """This user's directory of built kernels: created 0700, refused if it is a link, another user owns it or
+    others can write to it."""
     path = Path(tempfile.gettempdir()) / f"ssim_ray_kernels_{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     path.mkdir(mode=0o700, exist_ok=True)
-    info = path.stat()
-    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
-        raise NativeKernelError(f"{path} is not this user's own directory (owner uid {info.st_uid}, mode "
+    info = path.lstat()
+    if path.is_symlink() or (hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022)):
+        raise NativeKernelError(f"{path} is not this user's own directory (a link, or owner uid {info.st_uid}, mode "
                                 f"{oct(info.st_mode & 0o777)}): not loading kernels from it")
     return path
 
@@ -129,7 +130,11 @@ def _load(source: Path, defines: Tuple[str, ...]) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def library(half: int) -> ctypes.CDLL:
     """The tile kernel's library for windows of 2 * half + 1 taps."""
-    lib = _load(SOURCE, (f"-DHALF={half}",))
+    return tile_functions(_load(SOURCE, (f"-DHALF={half}",)), half)
+
+
+def tile_functions(lib: ctypes.CDLL, half: int) -> ctypes.CDLL:
+    """`lib` (a build of tile_kernel.c), checked to be for windows of 2 * half + 1 taps, its functions typed."""
     if lib.ssim_tiles_half() != half:
         raise NativeKernelError(f"{lib._name} was built for another window")
     for name in ("ssim_tiles_f32", "ssim_tiles_f64"):
@@ -185,6 +190,9 @@ def variant_bits(sample_covariance: bool, with_cs: bool, cs_only: bool) -> int:
 
 def planes_of(x: torch.Tensor, y: torch.Tensor, rows: int, cols: int, slots: int, across: int) -> Planes:
     """The planes_t of (P, H, W) CPU plane stacks x and y of one dtype in PIXEL_CODES (kept alive by the caller)."""
+    if x.dtype != y.dtype or x.shape != y.shape or x.dim() != 3 or x.dtype not in PIXEL_CODES:
+        raise ValueError(f"the C kernel reads same-shape (P, H, W) planes of one dtype of {list(PIXEL_CODES)}, "
+                         f"got {x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}")
     return Planes(x.data_ptr(), y.data_ptr(), (ctypes.c_int64 * 3)(*x.stride()), (ctypes.c_int64 * 3)(*y.stride()),
                   PIXEL_CODES[x.dtype], x.shape[1], x.shape[2], rows, cols, slots, across)
 

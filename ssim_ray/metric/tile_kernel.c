@@ -10,7 +10,9 @@
  * the halo rows shared by the next tile down the same strip, and short loops that keep several vectors of
  * independent work in flight (the mean's chain, then the second moment's).
  *
- * HALF (the window's half width) is fixed when the library is built (one library per window size).
+ * HALF (the window's half width) is fixed when the library is built (one library per window size), and so
+ * is the vector width: 64 bytes where the compiler targets AVX-512, else 32 (AVX2's; other targets split
+ * or emulate them). Lanes are independent, so the width moves no bit.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,6 +22,13 @@
 #error "build with -DHALF=<window half width>"
 #endif
 #define WIN (2 * HALF + 1)
+#ifndef VECTOR_BYTES
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#else
+#define VECTOR_BYTES 32
+#endif
+#endif
 
 enum { PIX_U8 = 0, PIX_U16 = 1, PIX_F32 = 2, PIX_F64 = 3 };
 enum { SAMPLE_COVARIANCE = 1, WITH_CS = 2, CS_ONLY = 4 };
@@ -51,8 +60,8 @@ static double pairwise(double *v, int n) {
 }
 
 #define DEFINE_KERNEL(REAL, VL, SUFFIX)                                                                          \
-typedef REAL vec_##SUFFIX __attribute__((vector_size(32)));                                                     \
-typedef REAL uvec_##SUFFIX __attribute__((vector_size(32), aligned(sizeof(REAL)), may_alias));                  \
+typedef REAL vec_##SUFFIX __attribute__((vector_size(VECTOR_BYTES)));                                                     \
+typedef REAL uvec_##SUFFIX __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(REAL)), may_alias));                  \
 static inline vec_##SUFFIX ld_##SUFFIX(const REAL *p) { return *(const uvec_##SUFFIX *)p; }                     \
 static inline void st_##SUFFIX(REAL *p, vec_##SUFFIX v) { *(uvec_##SUFFIX *)p = v; }                            \
 static inline vec_##SUFFIX bc_##SUFFIX(REAL a) { vec_##SUFFIX v; for (int i = 0; i < VL; i++) v[i] = a; return v; } \
@@ -218,8 +227,8 @@ int ssim_tiles_##SUFFIX(const planes_t *pl, int64_t start, int64_t count, const 
     return 0;                                                                                                    \
 }
 
-DEFINE_KERNEL(float, 8, f32)
-DEFINE_KERNEL(double, 4, f64)
+DEFINE_KERNEL(float, (VECTOR_BYTES / 4), f32)
+DEFINE_KERNEL(double, (VECTOR_BYTES / 8), f64)
 
 /* The window half width this library was built for (the loader checks it). */
 int ssim_tiles_half(void) { return HALF; }
