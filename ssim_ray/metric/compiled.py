@@ -86,8 +86,7 @@ class _CompiledTiles:
         try:
             self.compiled = native.library(native.check_taps(self.taps))
         except native.NativeKernelError as exc:
-            self.failed = str(exc).splitlines()[0]
-            warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
+            self._give_up(str(exc))
 
     def call(self, planes: native.Planes, batch: "TileBatch", start: int, count: int) -> torch.Tensor:
         """The sums of tiles start .. start + count - 1 of `batch`, by the compiled kernel."""
@@ -118,7 +117,10 @@ class _CompiledTiles:
         with _kernel_lock:
             if self.compiled is None:
                 return
-            self.compiled, self.failed = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self._give_up(f"{type(exc).__name__}: {exc}")
+
+    def _give_up(self, reason: str) -> None:
+        self.compiled, self.failed = None, reason.splitlines()[0]
         warnings.warn(f"ssim_ray: compiled SSIM kernel failed, using the eager one (same bits): {self.failed}")
 
 
