@@ -14,6 +14,7 @@
  * is the vector width: 64 bytes where the compiler targets AVX-512, else 32 (AVX2's; other targets split
  * or emulate them). Lanes are independent, so the width moves no bit.
  */
+#define _POSIX_C_SOURCE 200112L
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,16 +176,18 @@ int ssim_tiles_##SUFFIX(const planes_t *pl, int64_t start, int64_t count, const 
                         const int32_t *cols, const REAL *consts, const REAL *taps, int variant, double *out) {    \
     const int R = pl->rows, C = pl->cols, in_rows = R + 2 * HALF, sums = variant & WITH_CS ? 2 : 1;             \
     const int64_t plane_size = (int64_t)in_rows * C;                                                             \
-    size_t reals = (size_t)4 * plane_size + 2 * (C + 2 * HALF + VL) + 6 * (size_t)C;                              \
+    const int row_len = (C + 2 * HALF + VL + 15) / 16 * 16;  /* whole cache lines: every buffer stays aligned */ \
+    size_t reals = (size_t)4 * plane_size + 2 * (size_t)row_len + 6 * (size_t)C;                                  \
     int pow2 = 1;                                                                                                \
     while (pow2 < (C > R ? C : R)) pow2 <<= 1;                                                                   \
-    REAL *work = malloc(reals * sizeof(REAL));                                                                   \
+    REAL *work = NULL;  /* 64-byte aligned: the column pass's vectors then never straddle a cache line */        \
+    if (posix_memalign((void **)&work, 64, reals * sizeof(REAL))) work = NULL;                                  \
     double *row_sums = malloc(sizeof(double) * (size_t)(2 * pow2 + pow2));                                       \
     if (!work || !row_sums) { free(work); free(row_sums); return -1; }                                            \
     double *cs_sums = row_sums + pow2, *v = cs_sums + pow2;                                                      \
     REAL *ms = work, *qs = ms + plane_size, *md = qs + plane_size, *qd = md + plane_size;                        \
-    REAL *srow = qd + plane_size, *drow = srow + C + 2 * HALF + VL;                                              \
-    REAL *mean_s = drow + C + 2 * HALF + VL, *var_s = mean_s + C, *mean_d = var_s + C, *var_d = mean_d + C;      \
+    REAL *srow = qd + plane_size, *drow = srow + row_len;                                                        \
+    REAL *mean_s = drow + row_len, *var_s = mean_s + C, *mean_d = var_s + C, *var_d = mean_d + C;      \
     REAL *ssim_map = var_d + C, *cs_map = ssim_map + C;                                                          \
     int64_t done_strip = -1, done_slot = -1;                                                                      \
     for (int64_t i = 0; i < count; i++) {                                                                        \
