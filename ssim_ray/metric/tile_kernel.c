@@ -182,9 +182,10 @@ int ssim_tiles_##SUFFIX(const planes_t *pl, int64_t start, int64_t count, const 
     while (pow2 < (C > R ? C : R)) pow2 <<= 1;                                                                   \
     REAL *work = NULL;  /* 64-byte aligned: the column pass's vectors then never straddle a cache line */        \
     if (posix_memalign((void **)&work, 64, reals * sizeof(REAL))) work = NULL;                                  \
-    double *row_sums = malloc(sizeof(double) * (size_t)(2 * pow2 + pow2));                                       \
+    double *row_sums = NULL;  /* aligned too: pairwise's vectors of four doubles */                               \
+    if (posix_memalign((void **)&row_sums, 64, sizeof(double) * (size_t)(3 * pow2))) row_sums = NULL;           \
     if (!work || !row_sums) { free(work); free(row_sums); return -1; }                                            \
-    double *cs_sums = row_sums + pow2, *v = cs_sums + pow2;                                                      \
+    double *cs_sums = row_sums + pow2, *v = cs_sums + pow2;  /* pow2 >= 16: each starts on a cache line */      \
     REAL *ms = work, *qs = ms + plane_size, *md = qs + plane_size, *qd = md + plane_size;                        \
     REAL *srow = qd + plane_size, *drow = srow + row_len;                                                        \
     REAL *mean_s = drow + row_len, *var_s = mean_s + C, *mean_d = var_s + C, *var_d = mean_d + C;      \
