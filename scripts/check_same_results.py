@@ -2,8 +2,9 @@
 
     python scripts/check_same_results.py --baseline <git revision> [--work /tmp/same-results]
 
-Runs the built-in sample audit and a Parquet audit (a manifest written from the sample set, with a pass-through
-column and relative paths) once with the baseline revision (checked out into a git worktree and run with
+Runs the built-in sample audit, the same with the compiled CPU kernels from the first batch (`ssim.compile=always`,
+all three metrics) and a Parquet audit (a manifest written from the sample set, with a pass-through column and
+relative paths) once with the baseline revision (checked out into a git worktree and run with
 PYTHONPATH pointing at it, so its Ray workers import it too) and once with this tree, each in its own
 process on a fresh local Ray, and compares the two `ssim.parquet` files of each pair of runs: row order
 (pair_id), statuses, errors, and the exact bits of `ssim` and `ssim_per_channel`, and of `psnr`, `ms_ssim` and
@@ -90,7 +91,9 @@ def main() -> int:
                        check=True, capture_output=True)
     manifest = _sample_manifest(work / "parquet-set")
     cases = {"sample": [], "parquet": ["source=parquet", f"source.url={manifest}", "source.pairs_per_shard=40",
-                                       "summary.group_by=batch_note", "metrics=[ssim,psnr,ms_ssim]"]}
+                                       "summary.group_by=batch_note", "metrics=[ssim,psnr,ms_ssim]"],
+             # The compiled CPU kernels from the first batch (a sample run this small otherwise stays eager).
+             "sample compiled": ["ssim.compile=always", "metrics=[ssim,psnr,ms_ssim]"]}
     failed = False
     print(f"| case | rows | {' | '.join(COMPARED)} |")
     print("|---|---:|" + "---:|" * len(COMPARED))
