@@ -1,7 +1,8 @@
 """SSIM core on CPU: ssim_ray against pytorch-msssim, torchmetrics, kornia and scikit-image, same inputs.
 
 All implementations are timed in one process with torch's threads fixed (default 2), taking turns call by
-call so that other jobs on a shared machine slow them alike. Per case it prints pairs/s (median, and the
+call so that other jobs on a shared machine slow them alike (each round in a shuffled order, with a pause
+before each call: see `bench_machine.SETTLE_S`). Per case it prints pairs/s (median, and the
 range, of the timed calls after one warm-up), CPU ms per pair, the ratio of ssim_ray's pairs/s to each
 peer's, and max |score - skimage| per pair; in a fresh process per implementation, the first call's
 latency (ssim_ray builds its C kernel there, or loads it from this machine's kernel cache) and the growth of
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from bench_machine import minor_faults, rerun_with_warm_malloc
+from bench_machine import minor_faults, rerun_with_warm_malloc, settle, turns
 
 CASES = [(16, 256, "float32"), (16, 256, "uint8"), (2, 1024, "float32"), (2, 1024, "uint8")]
 IMPLEMENTATIONS = ["ssim_ray", "ssim_ray eager", "pytorch-msssim", "torchmetrics", "kornia", "skimage"]
@@ -189,9 +190,9 @@ def time_interleaved(batch: int, side: int, dtype: str, threads: int, repeats: i
         score(x, y)  # warm-up: compiles ssim_ray's kernel (or loads it from the cache)
     times = {impl: {"wall_s": [], "cpu_s": [], "faults": []} for impl in IMPLEMENTATIONS}
     for r in range(repeats):
-        order = IMPLEMENTATIONS[r % len(IMPLEMENTATIONS):] + IMPLEMENTATIONS[: r % len(IMPLEMENTATIONS)]
-        for impl in order:
+        for impl in turns(IMPLEMENTATIONS, r):
             score, x, y = runs[impl]
+            settle()
             faults, wall, cpu = minor_faults(), time.perf_counter(), time.process_time()
             score(x, y)
             times[impl]["wall_s"].append(time.perf_counter() - wall)
