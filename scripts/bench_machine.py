@@ -7,18 +7,18 @@ import platform
 import random
 import resource
 import sys
-import time
 
 # glibc's malloc, told to keep freed memory for reuse: big blocks come from the heap instead of fresh mmaps
 # (every page of a fresh mapping is a page fault and a zeroing), and the heap is not trimmed back.
 # pytorch-msssim allocates ~0.5 GB of temporaries per 16x3x256^2 call: under glibc's defaults on the dev VM
 # it paid ~122,000 page faults a call in some runs and none in others (its time 39 vs 13 ms/pair).
 WARM_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
-# After a multi-threaded call, OpenMP's (and OpenBLAS's) worker threads spin for a while before they sleep,
-# holding a core: a contender that starts right after one ran ~27% slower at two threads on the 2-core dev VM
-# (ssim_ray after pytorch-msssim: 1.28 vs 1.00 ms/pair). Turn-taking in a fixed rotation also gave every
-# contender the same predecessor each round. So the benchmarks shuffle each round and pause between calls.
-SETTLE_S = 0.2
+# Turn-taking has transients that belong to the switch, not to the contender: after a multi-threaded call
+# OpenMP's (and OpenBLAS's) workers spin for a while, holding a core (ssim_ray right after pytorch-msssim ran
+# 1.28 vs 1.00 ms/pair at two threads on the 2-core dev VM), and after an idle pause the VM's vCPUs wake slowly
+# (a 0.2 s pause before each call: 1.06 vs 0.86-0.96 ms/pair at two threads). A job calls its metric back to
+# back, so each turn runs its contender once untimed, then times the next call; and a fixed rotation, which
+# gave every contender the same predecessor each round, is replaced by a shuffled order.
 
 
 def turns(names: list, round_index: int) -> list:
@@ -26,11 +26,6 @@ def turns(names: list, round_index: int) -> list:
     order = list(names)
     random.Random(round_index).shuffle(order)
     return order
-
-
-def settle() -> None:
-    """Pause before a timed call, so that the previous contender's worker threads have gone to sleep."""
-    time.sleep(SETTLE_S)
 
 
 def cpu_model() -> str:

@@ -6,8 +6,8 @@ ssim_ray gets them in their own dtype (uint8 by default, as the job passes decod
 too), the peers float32 copies made outside the timed region. ssim_ray's sets: `[ssim]` is
 `ssim(per_channel=True)`; `+ psnr` adds `mse(per_channel=True)` (the job forms PSNR from it); `+ ms_ssim`
 replaces `ssim` by `ms_ssim_terms_and_ssim` (SSIM's full-resolution pass is MS-SSIM's first scale). All run
-in one process with torch threads fixed, taking turns call by call (shuffled, with a pause before each call:
-`bench_machine.SETTLE_S`; medians of `--repeats` rounds; what a
+in one process with torch threads fixed, taking turns (shuffled; each turn an untimed call, then the timed
+one: see bench_machine; medians of `--repeats` rounds; what a
 metric adds is the median over rounds of each round's own difference), the compiled CPU kernel warm. Prints the CPU model and its vector ISA (what the C kernels are built for).
 
 Usage:
@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from bench_machine import cpu_model, malloc_mode, minor_faults, rerun_with_warm_malloc, settle, turns, vector_isa
+from bench_machine import cpu_model, malloc_mode, minor_faults, rerun_with_warm_malloc, turns, vector_isa
 from bench_ssim import make_inputs
 
 from ssim_ray.metric import ms_ssim_terms_and_ssim, mse, ssim
@@ -53,15 +53,15 @@ def contenders(x: torch.Tensor, y: torch.Tensor, xf: torch.Tensor, yf: torch.Ten
 
 
 def time_turns(calls: dict, repeats: int) -> dict:
-    """Wall and CPU seconds of each call, taking turns every round (order shuffled, a pause before each call:
-    `bench_machine.turns`, `settle`), after one warm-up each."""
+    """Wall and CPU seconds of each call, taking turns every round (order shuffled, each turn one untimed call
+    then one timed: `bench_machine.turns`), after one warm-up each."""
     for call in calls.values():
         call()
     names = list(calls)
     times = {name: {"wall": [], "cpu": [], "faults": []} for name in names}
     for r in range(repeats):
         for name in turns(names, r):
-            settle()
+            calls[name]()  # the switch-in call, untimed (bench_machine: turn-taking's transients)
             faults, wall, cpu = minor_faults(), time.perf_counter(), time.process_time()
             calls[name]()
             times[name]["wall"].append(time.perf_counter() - wall)

@@ -1,8 +1,8 @@
 """SSIM core on CPU: ssim_ray against pytorch-msssim, torchmetrics, kornia and scikit-image, same inputs.
 
 All implementations are timed in one process with torch's threads fixed (default 2), taking turns call by
-call so that other jobs on a shared machine slow them alike (each round in a shuffled order, with a pause
-before each call: see `bench_machine.SETTLE_S`). Per case it prints pairs/s (median, and the
+call so that other jobs on a shared machine slow them alike (each round in a shuffled order, each turn an
+untimed call and then the timed one: see bench_machine). Per case it prints pairs/s (median, and the
 range, of the timed calls after one warm-up), CPU ms per pair, the ratio of ssim_ray's pairs/s to each
 peer's, and max |score - skimage| per pair; in a fresh process per implementation, the first call's
 latency (ssim_ray builds its C kernel there, or loads it from this machine's kernel cache) and the growth of
@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from bench_machine import minor_faults, rerun_with_warm_malloc, settle, turns
+from bench_machine import minor_faults, rerun_with_warm_malloc, turns
 
 CASES = [(16, 256, "float32"), (16, 256, "uint8"), (2, 1024, "float32"), (2, 1024, "uint8")]
 IMPLEMENTATIONS = ["ssim_ray", "ssim_ray eager", "pytorch-msssim", "torchmetrics", "kornia", "skimage"]
@@ -192,7 +192,7 @@ def time_interleaved(batch: int, side: int, dtype: str, threads: int, repeats: i
     for r in range(repeats):
         for impl in turns(IMPLEMENTATIONS, r):
             score, x, y = runs[impl]
-            settle()
+            score(x, y)  # the switch-in call, untimed (bench_machine: turn-taking's transients)
             faults, wall, cpu = minor_faults(), time.perf_counter(), time.process_time()
             score(x, y)
             times[impl]["wall_s"].append(time.perf_counter() - wall)
