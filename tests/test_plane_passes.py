@@ -15,7 +15,7 @@ import torch
 from reference_impls import chw, photo_pair
 
 from ssim_ray.metric import ms_ssim_terms_and_ssim, mse
-from ssim_ray.metric.plane_passes import exact_square_error_sums, halve, halve_pair
+from ssim_ray.metric.plane_passes import exact_square_error_sums, halve, halve_pair, halve_pyramid
 from ssim_ray.metric.window import wang_downsample
 
 POLICIES = ["never", "always"]
@@ -150,3 +150,31 @@ def test_compiled_and_eager_give_the_same_bits_in_a_batch_split_over_threads() -
         torch.set_num_threads(before)
     assert torch.equal(threaded[0], single[0])
     assert all(torch.equal(a, b) for a, b in zip(threaded[1], single[1]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_halve_pyramid_is_wang_downsample_again_and_again(policy: str, threads: int) -> None:
+    """MS-SSIM's four halvings in one go (in C: each plane's whole pyramid in one call): level l has the bits of
+    wang_downsample applied l times, for every pixel dtype, odd sides at several levels, x and y apart."""
+    x, y = photos(181, 177, top=3, left=11)
+    cases = {torch.uint8: (x, y), torch.uint16: (x.to(torch.int32).mul(257).to(torch.uint16), y.to(torch.int32).mul(257).to(torch.uint16)),
+             torch.float16: ((x.float() / 255).half(), (y.float() / 255).half()),
+             torch.bfloat16: ((x.float() / 255).bfloat16(), (y.float() / 255).bfloat16()),
+             torch.float32: (x.float() / 7, y.float() / 7), torch.float64: (x.double() / 7, y.double() / 7)}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for in_dtype, (xs, ys) in cases.items():
+            for dtype in (torch.float32, torch.float64):
+                got = halve_pyramid(xs, ys, dtype, 4, policy=policy)
+                want_x, want_y = xs.to(dtype), ys.to(dtype)
+                assert len(got) == 4
+                for level, (gx, gy) in enumerate(got):
+                    want_x, want_y = wang_downsample(want_x, 2), wang_downsample(want_y, 2)
+                    assert gx.dtype == dtype and torch.equal(gx, want_x), (in_dtype, dtype, level)
+                    assert torch.equal(gy, want_y), (in_dtype, dtype, level)
+                assert got[-1][0].shape[-2:] == (12, 12)  # 181 -> 91 -> 46 -> 23 -> 12
+                assert halve_pyramid(xs, ys, dtype, 0, policy=policy) == []
+    finally:
+        torch.set_num_threads(before)

@@ -43,7 +43,7 @@ from ssim_ray.metric.checks import (
 from ssim_ray.metric.kernel_choice import tile_means_of
 from ssim_ray.metric.structural import mean_over_channels
 from ssim_ray.metric.tiles import WANG, TileVariant
-from ssim_ray.metric.plane_passes import halve_pair
+from ssim_ray.metric.plane_passes import halve_pyramid
 from ssim_ray.metric.window import crop_borders, gaussian_window_1d
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -118,9 +118,7 @@ def _terms_batch(x: torch.Tensor, y: torch.Tensor, *, data_range: float, levels:
     """(n, C, levels) float64 terms of one checked same-shape batch that is large enough, and (n, C) float64
     mean SSIM at scale 1 (`ssim()`'s own per-channel means with the same window and constants)."""
     x, y = crop_borders(x, crop_border), crop_borders(y, crop_border)  # scale 1 reads the pixels as they are
-    scales = [(x, y)]
-    for _ in range(levels - 1):
-        scales.append(halve_pair(*scales[-1], dtype, policy=policy))
+    scales = [(x, y)] + halve_pyramid(x, y, dtype, levels - 1, policy=policy)
     # Scale 1 sums SSIM and cs (SSIM is also the caller's), the middle scales cs alone, the last SSIM alone:
     # each map with the bits it has in the with-cs kernel (the same subexpressions). All the scales' kernel
     # calls share one queue of the pool: the coarse scales' few calls fill the threads' idle ends.

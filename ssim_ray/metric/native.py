@@ -154,7 +154,7 @@ def plane_library() -> ctypes.CDLL:
         function = getattr(lib, name)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p, ctypes.c_int, strides, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_void_p]
+                             ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
     lib.square_error_sums.restype = ctypes.c_int
     lib.square_error_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, strides, strides, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -165,12 +165,14 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(*t.stride())
 
 
-def halve(lib: ctypes.CDLL, planes: torch.Tensor, out: torch.Tensor, first: int, last: int) -> None:
-    """Planes first .. last - 1 of (P, H, W) CPU `planes` (a PIXEL_CODES dtype) halved into contiguous
-    (P, ceil(H/2), ceil(W/2)) `out` (float32 or float64): plane_kernel.c's halve."""
-    function = lib.halve_f64 if out.dtype == torch.float64 else lib.halve_f32
+def halve(lib: ctypes.CDLL, planes: torch.Tensor, outs: Sequence[torch.Tensor], first: int, last: int) -> None:
+    """Planes first .. last - 1 of (P, H, W) CPU `planes` (a PIXEL_CODES dtype) halved len(outs) times, level l
+    into contiguous `outs[l]` (P, ceil(H / 2^(l+1)), ceil(W / 2^(l+1))), all float32 or all float64, each
+    level from the one before: plane_kernel.c's halve."""
+    function = lib.halve_f64 if outs[0].dtype == torch.float64 else lib.halve_f32
+    pointers = (ctypes.c_void_p * len(outs))(*(out.data_ptr() for out in outs))
     if function(planes.data_ptr(), PIXEL_CODES[planes.dtype], _strides(planes), first, last, planes.shape[1],
-                planes.shape[2], out.data_ptr()) != 0:
+                planes.shape[2], len(outs), pointers) != 0:
         raise NativeKernelError("the C halving could not allocate its scratch memory")
 
 

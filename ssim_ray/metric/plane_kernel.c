@@ -36,27 +36,46 @@ static void add_rows_##SUFFIX(const void *src, int pix, const int64_t *s, int64_
     } else if (pix == PIX_F32 && s[2] == 1) {                                                                    \
         const float *a = (const float *)src + p * s[0] + r0 * s[1], *b = (const float *)src + p * s[0] + r1 * s[1]; \
         for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
+    } else if (pix == PIX_F64 && s[2] == 1) {                                                                    \
+        const double *a = (const double *)src + p * s[0] + r0 * s[1], *b = (const double *)src + p * s[0] + r1 * s[1]; \
+        for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
     } else {                                                                                                     \
         for (int64_t c = 0; c < width; c++)                                                                      \
             sums[c] = (REAL)pixel(src, pix, s, p, r0, c) + (REAL)pixel(src, pix, s, p, r1, c);                   \
     }                                                                                                            \
 }                                                                                                                \
                                                                                                                  \
-/* Planes first .. last - 1 of (P, H, W) `src` halved into contiguous (P, ceil(H/2), ceil(W/2)) `out`.          \
- * Returns 0, or -1 if scratch memory could not be had. */                                                     \
-int halve_##SUFFIX(const void *src, int pix, const int64_t *s, int64_t first, int64_t last, int64_t height,      \
-                   int64_t width, REAL *out) {                                                                   \
+/* One plane halved: `rows` x `width` of `src` (plane p) into contiguous out_h x out_w `out`. */                 \
+static void halve_plane_##SUFFIX(const void *src, int pix, const int64_t *s, int64_t p, int64_t height,          \
+                                 int64_t width, REAL *sums, REAL *out) {                                          \
     const int64_t out_h = (height + 1) / 2, out_w = (width + 1) / 2, half_w = width / 2;                         \
+    for (int64_t i = 0; i < out_h; i++) {                                                                        \
+        const int64_t r0 = 2 * i, r1 = 2 * i + 1 < height ? 2 * i + 1 : height - 1;                              \
+        add_rows_##SUFFIX(src, pix, s, p, r0, r1, width, sums);                                                  \
+        REAL *row = out + i * out_w;                                                                             \
+        for (int64_t j = 0; j < half_w; j++) row[j] = (sums[2 * j] + sums[2 * j + 1]) / (REAL)4;                  \
+        if (width % 2) row[half_w] = (sums[width - 1] + sums[width - 1]) / (REAL)4;                              \
+    }                                                                                                            \
+}                                                                                                                \
+                                                                                                                 \
+/* Planes first .. last - 1 of (P, H, W) `src` halved `levels` times: level l into contiguous `outs[l]`, of     \
+ * shape (P, ceil(H / 2^(l+1)), ...), each level from the one before (a plane's whole pyramid while it is in    \
+ * cache). Returns 0, or -1 if scratch memory could not be had. */                                             \
+int halve_##SUFFIX(const void *src, int pix, const int64_t *s, int64_t first, int64_t last, int64_t height,      \
+                   int64_t width, int levels, REAL **outs) {                                                     \
     REAL *sums = malloc(sizeof(REAL) * (size_t)(width > 0 ? width : 1));                                         \
     if (!sums) return -1;                                                                                        \
     for (int64_t p = first; p < last; p++) {                                                                     \
-        for (int64_t i = 0; i < out_h; i++) {                                                                    \
-            const int64_t r0 = 2 * i, r1 = 2 * i + 1 < height ? 2 * i + 1 : height - 1;                           \
-            add_rows_##SUFFIX(src, pix, s, p, r0, r1, width, sums);                                              \
-            REAL *row = out + (p * out_h + i) * out_w;                                                           \
-            for (int64_t j = 0; j < half_w; j++) row[j] = sums[2 * j] + sums[2 * j + 1];                          \
-            if (width % 2) row[half_w] = sums[width - 1] + sums[width - 1];                                      \
-            for (int64_t j = 0; j < out_w; j++) row[j] = row[j] / (REAL)4;                                       \
+        const void *from = src;                                                                                  \
+        int from_pix = pix;                                                                                      \
+        int64_t h = height, w = width, from_s[3] = {s[0], s[1], s[2]}, at = p;                                   \
+        for (int l = 0; l < levels; l++) {                                                                       \
+            const int64_t oh = (h + 1) / 2, ow = (w + 1) / 2;                                                     \
+            REAL *out = outs[l] + p * oh * ow;                                                                   \
+            halve_plane_##SUFFIX(from, from_pix, from_s, at, h, w, sums, out);                                   \
+            from = out; from_pix = sizeof(REAL) == 4 ? PIX_F32 : PIX_F64;                                        \
+            from_s[0] = oh * ow; from_s[1] = ow; from_s[2] = 1; at = 0;                                          \
+            h = oh; w = ow;                                                                                      \
         }                                                                                                        \
     }                                                                                                            \
     free(sums);                                                                                                  \

@@ -175,8 +175,17 @@ def _halve_numpy(planes: np.ndarray, out: np.ndarray) -> None:
 def halve_pair(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, *,
                policy: str = "never") -> Tuple[torch.Tensor, torch.Tensor]:
     """`halve(x, dtype)` and `halve(y, dtype)`, their planes shared among the pool's threads in one go."""
-    out = _halve_all([x, y], dtype, policy)
-    return out[0], out[1]
+    (x_half,), (y_half,) = _halve_all([x, y], dtype, policy, 1)
+    return x_half, y_half
+
+
+def halve_pyramid(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, levels: int, *,
+                  policy: str = "never") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """`levels` halvings of x and y, each from the one before: [(x / 2, y / 2), (x / 4, y / 4), ...], the bits of
+    `halve_pair` applied again and again. In C, each plane's whole pyramid is made in one go (while it is in
+    cache), the planes shared among the pool's threads in one hand-off."""
+    x_levels, y_levels = _halve_all([x, y], dtype, policy, levels)
+    return list(zip(x_levels, y_levels))
 
 
 def halve(images: torch.Tensor, dtype: torch.dtype, *, policy: str = "never") -> torch.Tensor:
@@ -190,39 +199,63 @@ def halve(images: torch.Tensor, dtype: torch.dtype, *, policy: str = "never") ->
         tensor([[2.0000, 3.5000],
                 [6.5000, 8.0000]])
     """
-    return _halve_all([images], dtype, policy)[0]
+    return _halve_all([images], dtype, policy, 1)[0][0]
 
 
-def _halve_all(batches: Sequence[torch.Tensor], dtype: torch.dtype, policy: str) -> List[torch.Tensor]:
-    """Each (N, C, H, W) batch halved; the CPU planes in C (policy permitting) or numpy, split among the pool's
-    threads in one go, the rest by the definition in torch."""
+def _halve_all(batches: Sequence[torch.Tensor], dtype: torch.dtype, policy: str,
+               levels: int) -> List[List[torch.Tensor]]:
+    """Per (N, C, H, W) batch, its `levels` successive halvings: in C (policy permitting, CPU batches) or level
+    by level eagerly (numpy on CPU, the torch definition elsewhere)."""
+    if levels == 0:
+        return [[] for _ in batches]
     runner = _runner("halve")
     lib = None
     if all(b.device.type == "cpu" for b in batches) and dtype in (torch.float32, torch.float64):
         lib = runner.library_for(policy)
+    if lib is None:
+        results: List[List[torch.Tensor]] = [[] for _ in batches]
+        current = list(batches)
+        for _ in range(levels):
+            current = runner.eager(_halve_once_eagerly, current, dtype)
+            for result, level in zip(results, current):
+                result.append(level)
+        return results
+    results, work, elements = [], [], 0
+    threads = torch.get_num_threads()
+    for images in batches:
+        count, channels, height, width = images.shape
+        planes = images.reshape(count * channels, height, width)
+        if planes.dtype not in native.PIXEL_CODES:  # float16 / bfloat16: converting first is exact, the same bits
+            planes = planes.to(dtype)
+        outs, h, w = [], height, width
+        for _ in range(levels):
+            h, w = -(-h // 2), -(-w // 2)
+            outs.append(torch.empty((count * channels, h, w), dtype=dtype))
+        results.append([out.reshape(count, channels, out.shape[1], out.shape[2]) for out in outs])
+        elements += planes.numel()
+        parts = _plane_ranges(planes.shape[0], max(1, min(threads, planes.shape[0])))
+        work += [lambda planes=planes, outs=outs, part=part: native.halve(lib, planes, outs, part.start, part.stop)
+                 for part in parts if planes.shape[0]]
+    _in_parallel(work, elements)
+    return results
+
+
+def _halve_once_eagerly(batches: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    """Each batch halved once: numpy on CPU (split among the pool's threads), the torch definition elsewhere."""
     outputs, work, elements = [], [], 0
     threads = torch.get_num_threads()
     for images in batches:
         count, channels, height, width = images.shape
         planes = images.reshape(count * channels, height, width)
         shape = (count * channels, -(-height // 2), -(-width // 2))
-        in_c = lib is not None and planes.dtype in native.PIXEL_CODES
-        if images.device.type != "cpu" or planes.shape[0] == 0 or not (in_c or planes.dtype in _NUMPY_HALVE):
+        if images.device.type != "cpu" or planes.shape[0] == 0 or planes.dtype not in _NUMPY_HALVE:
             outputs.append(halve_reference(planes, dtype).reshape(count, channels, shape[1], shape[2]))
             continue
         out = torch.empty(shape, dtype=dtype)
         outputs.append(out.reshape(count, channels, shape[1], shape[2]))
         elements += planes.numel()
-        parts = _plane_ranges(planes.shape[0], max(1, min(threads, planes.shape[0])))
-        if in_c:
-            work += [lambda planes=planes, out=out, part=part: native.halve(lib, planes, out, part.start, part.stop)
-                     for part in parts]
-        else:
-            source, target = planes.detach().numpy(), out.numpy()
-            work += [lambda part=part, source=source, target=target: _halve_numpy(source[part], target[part])
-                     for part in parts]
-    if lib is None:
-        runner.eager(_in_parallel, work, elements)
-    else:
-        _in_parallel(work, elements)
+        source, target = planes.detach().numpy(), out.numpy()
+        work += [lambda part=part, source=source, target=target: _halve_numpy(source[part], target[part])
+                 for part in _plane_ranges(planes.shape[0], max(1, min(threads, planes.shape[0])))]
+    _in_parallel(work, elements)
     return outputs
