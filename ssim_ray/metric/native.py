@@ -1,4 +1,5 @@
-"""Builds and calls the tile path's CPU kernel, `tile_kernel.c`: the torch kernel's arithmetic, op for op, in C.
+"""Builds and calls the CPU kernels in C: `tile_kernel.c`, the tile path's arithmetic op for op, and
+`plane_kernel.c`, MS-SSIM's halving and PSNR's integer squared-error sums (`plane_passes`).
 
 Why C and not torch.compile (which this path used before): inductor's code for the tile batch was already
 near its op count, but around it the path cut every tile into buffers (s = x + y and d = x - y, a copy of
@@ -9,11 +10,11 @@ a time, skips what the mask drops and shares halo rows down a strip, with the sa
 pixel: same bits as the eager kernel (tests/test_ssim_invariance.py), so the compile policy stays a
 matter of speed.
 
-The library is built once per (window half width, source, compiler, CPU) with the system's C compiler
-(`-O3 -march=native -ffp-contract=off`: no FMA contraction, no -ffast-math) in about half a second, into a
-per-user cache directory that only that user can write (a shared /tmp must not let another user place a
-library this process loads), and loaded with ctypes, which releases the GIL during a call: the pool's
-threads run side by side. No compiler, or one that fails, raises `NativeKernelError`; the caller then
+A library is built once per (source, defines such as the window's half width, compiler, CPU) with the
+system's C compiler (`-O3 -march=native -ffp-contract=off`: no FMA contraction, no -ffast-math) in 0.5-1.5
+s, into a per-user cache directory that only that user can write (a shared /tmp must not let another user
+place a library this process loads), and loaded with ctypes, which releases the GIL during a call: the
+pool's threads run side by side. No compiler, or one that fails, raises `NativeKernelError`; the caller then
 uses the eager kernel (same bits) and says so once.
 """
 

@@ -23,25 +23,28 @@ static inline double pixel(const void *base, int pix, const int64_t *s, int64_t 
     }
 }
 
+/* sums[c] = (REAL)a[c] + (REAL)b[c] for rows r0 and r1 of plane p, contiguous pixels of type T. */
+#define ADD_CONTIGUOUS_ROWS(T, REAL)                                                                             \
+    do {                                                                                                         \
+        const T *a = (const T *)src + p * s[0] + r0 * s[1], *b = (const T *)src + p * s[0] + r1 * s[1];          \
+        for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
+    } while (0)
+
 #define DEFINE_HALVE(REAL, SUFFIX)                                                                              \
 /* Row `r0` plus row `r1` of plane p, converted to REAL first, into sums[0 .. width - 1]. */                    \
 static void add_rows_##SUFFIX(const void *src, int pix, const int64_t *s, int64_t p, int64_t r0, int64_t r1,     \
                               int64_t width, REAL *sums) {                                                       \
-    if (pix == PIX_U8 && s[2] == 1) {                                                                            \
-        const uint8_t *a = (const uint8_t *)src + p * s[0] + r0 * s[1], *b = (const uint8_t *)src + p * s[0] + r1 * s[1]; \
-        for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
-    } else if (pix == PIX_U16 && s[2] == 1) {                                                                    \
-        const uint16_t *a = (const uint16_t *)src + p * s[0] + r0 * s[1], *b = (const uint16_t *)src + p * s[0] + r1 * s[1]; \
-        for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
-    } else if (pix == PIX_F32 && s[2] == 1) {                                                                    \
-        const float *a = (const float *)src + p * s[0] + r0 * s[1], *b = (const float *)src + p * s[0] + r1 * s[1]; \
-        for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
-    } else if (pix == PIX_F64 && s[2] == 1) {                                                                    \
-        const double *a = (const double *)src + p * s[0] + r0 * s[1], *b = (const double *)src + p * s[0] + r1 * s[1]; \
-        for (int64_t c = 0; c < width; c++) sums[c] = (REAL)a[c] + (REAL)b[c];                                    \
-    } else {                                                                                                     \
+    if (s[2] != 1) {                                                                                             \
         for (int64_t c = 0; c < width; c++)                                                                      \
             sums[c] = (REAL)pixel(src, pix, s, p, r0, c) + (REAL)pixel(src, pix, s, p, r1, c);                   \
+    } else if (pix == PIX_U8) {                                                                                  \
+        ADD_CONTIGUOUS_ROWS(uint8_t, REAL);                                                                      \
+    } else if (pix == PIX_U16) {                                                                                 \
+        ADD_CONTIGUOUS_ROWS(uint16_t, REAL);                                                                     \
+    } else if (pix == PIX_F32) {                                                                                 \
+        ADD_CONTIGUOUS_ROWS(float, REAL);                                                                        \
+    } else {                                                                                                     \
+        ADD_CONTIGUOUS_ROWS(double, REAL);                                                                       \
     }                                                                                                            \
 }                                                                                                                \
                                                                                                                  \

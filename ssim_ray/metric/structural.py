@@ -178,8 +178,9 @@ def ssim(
 
     Speed on CPU: with `compile='auto'` a process starts with an eager kernel and, once it has spent a few
     seconds computing, builds a C one with the system's C compiler (same bits, same operations in the same
-    order; about a second, once per machine; with no compiler it stays eager with a warning). `compile='always'` compiles on the first call, `'never'` never does. CUDA
-    tensors run the same torch code eagerly, or the fused Triton kernel with `kernel='triton'`.
+    order; about a second, once per machine; with no compiler it stays eager with a warning).
+    `compile='always'` compiles on the first call, `'never'` never does. CUDA tensors run the same torch code
+    eagerly, or the fused Triton kernel with `kernel='triton'`.
     `kernel_in_use` says which kernel a process runs.
 
     Args:

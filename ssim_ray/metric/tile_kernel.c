@@ -60,6 +60,21 @@ static double pairwise(double *v, int n) {
     return v[0];
 }
 
+/* form_row's body for pixels of type T: each pixel converted to REAL exactly once, then added and subtracted
+ * (the eager kernel's x.to(dtype) + y.to(dtype)); the contiguous case is its own loop, which vectorises. */
+#define SUM_AND_DIFFERENCE(T, REAL)                                                                              \
+    do {                                                                                                         \
+        const T *xp = (const T *)pl->x + xo, *yp = (const T *)pl->y + yo;                                         \
+        if (contiguous)                                                                                          \
+            for (int j = 0; j < inside; j++) { REAL a = (REAL)xp[j], b = (REAL)yp[j]; s[j] = a + b; d[j] = a - b; } \
+        else                                                                                                     \
+            for (int j = 0; j < inside; j++) {                                                                   \
+                REAL a = (REAL)xp[j * xs[2]], b = (REAL)yp[j * ys[2]];                                           \
+                s[j] = a + b;                                                                                    \
+                d[j] = a - b;                                                                                    \
+            }                                                                                                    \
+    } while (0)
+
 #define DEFINE_KERNEL(REAL, VL, SUFFIX)                                                                          \
 typedef REAL vec_##SUFFIX __attribute__((vector_size(VECTOR_BYTES)));                                                     \
 typedef REAL uvec_##SUFFIX __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(REAL)), may_alias));                  \
@@ -73,29 +88,12 @@ static void form_row_##SUFFIX(const planes_t *pl, int64_t plane, int64_t row, in
     int inside = (int)(pl->width - left < n ? pl->width - left : n);                                             \
     const int64_t *xs = pl->x_strides, *ys = pl->y_strides;                                                      \
     int64_t xo = plane * xs[0] + row * xs[1] + left * xs[2], yo = plane * ys[0] + row * ys[1] + left * ys[2];    \
+    const int contiguous = xs[2] == 1 && ys[2] == 1;                                                             \
     switch (pl->pix) {                                                                                           \
-    case PIX_U8: {                                                                                               \
-        const uint8_t *xp = (const uint8_t *)pl->x + xo, *yp = (const uint8_t *)pl->y + yo;                       \
-        if (xs[2] == 1 && ys[2] == 1)                                                                            \
-            for (int j = 0; j < inside; j++) { REAL a = xp[j], b = yp[j]; s[j] = a + b; d[j] = a - b; }          \
-        else                                                                                                     \
-            for (int j = 0; j < inside; j++) { REAL a = xp[j * xs[2]], b = yp[j * ys[2]]; s[j] = a + b; d[j] = a - b; } \
-        break; }                                                                                                 \
-    case PIX_U16: {                                                                                              \
-        const uint16_t *xp = (const uint16_t *)pl->x + xo, *yp = (const uint16_t *)pl->y + yo;                    \
-        for (int j = 0; j < inside; j++) { REAL a = xp[j * xs[2]], b = yp[j * ys[2]]; s[j] = a + b; d[j] = a - b; } \
-        break; }                                                                                                 \
-    case PIX_F32: {                                                                                              \
-        const float *xp = (const float *)pl->x + xo, *yp = (const float *)pl->y + yo;                             \
-        if (xs[2] == 1 && ys[2] == 1)                                                                            \
-            for (int j = 0; j < inside; j++) { REAL a = (REAL)xp[j], b = (REAL)yp[j]; s[j] = a + b; d[j] = a - b; } \
-        else                                                                                                     \
-            for (int j = 0; j < inside; j++) { REAL a = (REAL)xp[j * xs[2]], b = (REAL)yp[j * ys[2]]; s[j] = a + b; d[j] = a - b; } \
-        break; }                                                                                                 \
-    default: {                                                                                                   \
-        const double *xp = (const double *)pl->x + xo, *yp = (const double *)pl->y + yo;                          \
-        for (int j = 0; j < inside; j++) { REAL a = (REAL)xp[j * xs[2]], b = (REAL)yp[j * ys[2]]; s[j] = a + b; d[j] = a - b; } \
-        break; }                                                                                                 \
+    case PIX_U8: SUM_AND_DIFFERENCE(uint8_t, REAL); break;                                                       \
+    case PIX_U16: SUM_AND_DIFFERENCE(uint16_t, REAL); break;                                                     \
+    case PIX_F32: SUM_AND_DIFFERENCE(float, REAL); break;                                                        \
+    default: SUM_AND_DIFFERENCE(double, REAL); break;                                                            \
     }                                                                                                            \
     for (int j = inside < 0 ? 0 : inside; j < n; j++) s[j] = d[j] = 0;                                           \
 }                                                                                                                \
