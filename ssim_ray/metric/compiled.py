@@ -16,8 +16,8 @@ machine), while a queue of independent chunks only loses the share of the busy c
 share one queue (`torch_tile_sums_of`: MS-SSIM's scales), so that no thread idles at one batch's end while
 another has work.
 
-State kept here is a cache, not configuration: one runner per (dtype, window, tile variant, tile shape) per
-process, holding its compiled kernel and its eager seconds, and one thread pool per thread count.
+State kept here is a cache, not configuration: one runner per (dtype, window, tile variant) per process,
+holding its compiled kernel and its eager seconds, and one thread pool per thread count.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ssim_ray.metric.tiles import (
     TileVariant,
     eager_tile_sums,
     join_sums,
-    tiles_per_call,
+    TILES_PER_CALL,
 )
 
 COMPILE_AFTER_S = 3.0
@@ -66,13 +66,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 class _CompiledTiles:
     """The compiled tile kernel for one (dtype, window, variant) on CPU, or the eager one until it pays to compile."""
 
-    def __init__(self, taps: List[float], variant: TileVariant = WANG, tile: Tuple[int, int] = (0, 0),
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, taps: List[float], variant: TileVariant = WANG, dtype: torch.dtype = torch.float32) -> None:
         self.taps = taps
         self.taps_tensor = torch.tensor(taps, dtype=dtype)
         self.variant = variant
         self.variant_bits = native.variant_bits(variant.sample_covariance, variant.with_cs, variant.cs_only)
-        self.per_call = tiles_per_call(*tile)
+        self.per_call = TILES_PER_CALL  # the C kernel takes any tile shape and count
         self.eager_seconds = 0.0
         self.compiled = None
         self.failed: Optional[str] = None
@@ -175,11 +174,11 @@ def _kernel_planes(tiles: PairTiles) -> Tuple[native.Planes, Tuple[torch.Tensor,
     return native.planes_of(x, y, grid.rows, grid.cols, grid.slots, grid.across), (x, y)
 
 
-def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant, tile: Tuple[int, int]) -> _CompiledTiles:
+def _runner(dtype: torch.dtype, taps: List[float], variant: TileVariant) -> _CompiledTiles:
     with _kernel_lock:
-        key = (dtype, tuple(taps), variant, tile)
+        key = (dtype, tuple(taps), variant)
         if key not in _kernels:
-            _kernels[key] = _CompiledTiles(taps, variant, tile, dtype)
+            _kernels[key] = _CompiledTiles(taps, variant, dtype)
         return _kernels[key]
 
 
@@ -203,8 +202,7 @@ def torch_tile_sums_of(batches: Sequence[TileBatch], *, policy: str) -> List[tor
         if batch.tiles.x.device.type != "cpu":
             sums[index] = eager_tile_sums(batch.tiles, batch.rows, batch.cols, batch.consts, batch.taps, batch.variant)
             continue
-        grid = batch.tiles.grid
-        runner = runners[index] = _runner(batch.consts.dtype, batch.taps, batch.variant, (grid.rows, grid.cols))
+        runner = runners[index] = _runner(batch.consts.dtype, batch.taps, batch.variant)
         if not runner.decide(policy):
             sums[index] = runner.eager_sums(batch)
             continue
@@ -233,12 +231,10 @@ def compiled_in_use(dtype: torch.dtype, taps: List[float], *, policy: str, varia
     """Whether the CPU kernel of (dtype, window, variant) is the compiled one for a call under `policy`.
 
     After a call with the same policy: whether that call ran compiled (a compile happens as a call starts,
-    and a failed compile leaves the eager kernel); each tile shape has its own kernel, and a call counts as
-    compiled if one of those it ran is. Before any call: 'always' will compile on first use.
+    and a failed compile leaves the eager kernel). Before any call: 'always' will compile on first use.
     """
     with _kernel_lock:
-        runners = [runner for key, runner in _kernels.items() if key[:3] == (dtype, tuple(taps), variant)]
-    decided = [runner for runner in runners if runner.compiled is not None or runner.failed is not None]
-    if not decided:
+        runner = _kernels.get((dtype, tuple(taps), variant))
+    if runner is None or (runner.compiled is None and runner.failed is None):
         return policy == "always"
-    return any(runner.uses_compiled(policy) for runner in decided)
+    return runner.uses_compiled(policy)

@@ -306,11 +306,6 @@ def tile_grid(height: int, width: int, win_size: int) -> TileGrid:
     return TileGrid(height, width, win_size, rows, cols)
 
 
-def tiles_per_call(rows: int, cols: int) -> int:
-    """Tiles per compiled call for a tile of rows x cols map pixels."""
-    return TILES_PER_CALL
-
-
 @dataclass(frozen=True)
 class PairTiles:
     """The tiles of s = x + y and d = x - y for same-size planes of a pair batch, in `dtype`, in strip order
